@@ -1,0 +1,1 @@
+"""cellseg: blood-cell instance segmentation."""

@@ -40,6 +40,21 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"converted {args.source} -> {args.out} ({counts} images)")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from cellseg.checkpoint import CheckpointError
+    from cellseg.config import ConfigError, load_config
+    from cellseg.train import TrainingError, train
+
+    try:
+        config = load_config(args.profile, args.phase, args.set)
+        state = train(args.phase, args.data, args.out, config, init=args.init)
+    except (ConfigError, TrainingError, CheckpointError) as err:
+        raise UserError(str(err)) from err
+    if state.history:
+        best = min(h["val_total"] for h in state.history)
+        print(f"phase {args.phase}: {state.epoch} epoch(s), best val loss {best:.4f} -> {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--preview", type=int, default=0, metavar="N", help="write N overlays")
     convert.add_argument("--skip-bad", action="store_true", help="skip bad files, count them")
     convert.set_defaults(handler=cmd_convert)
+
+    train = sub.add_parser("train", help="train Phase 1 (decoder) or Phase 2 (LoRA)")
+    train.add_argument("--phase", type=int, choices=(1, 2), required=True)
+    train.add_argument("--data", type=Path, required=True, help="converted dataset directory")
+    train.add_argument("--out", type=Path, required=True, help="checkpoint directory")
+    train.add_argument("--profile", default="local", help="local | uni-gpu | a YAML file")
+    train.add_argument("--init", type=Path, help="Phase 2: Phase 1 checkpoint (file or folder)")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    train.set_defaults(handler=cmd_train)
     return parser
 
 

@@ -1,0 +1,84 @@
+"""Model shapes, the registry, and loading backbone weights from a local file."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cellseg.model import UNI_HUB_ID, create_model, list_models, skip_indices
+
+pytestmark = pytest.mark.model
+
+
+def test_skip_features_come_from_four_evenly_spaced_blocks():
+    assert skip_indices(24) == [5, 11, 17, 23]  # blocks 6/12/18/24 of ViT-L
+    assert skip_indices(12) == [2, 5, 8, 11]
+    assert create_model("test_vit").skip_indices == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("size", [(64, 96), (480, 640)])
+def test_outputs_have_the_input_size_for_any_multiple_of_16(size):
+    model = create_model("test_vit").eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, *size))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "np": (1, 2, *size),
+        "hv": (1, 2, *size),
+        "nc": (1, 4, *size),
+    }
+
+
+def test_sides_that_are_not_multiples_of_16_are_refused():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        create_model("test_vit")(torch.rand(1, 3, 64, 90))
+
+
+@pytest.mark.parametrize(
+    ("name", "embed_dim", "depth"),
+    [("vit_tiny", 192, 12), ("vit_small", 384, 12), ("uni", 1024, 24)],
+)
+def test_every_registered_backbone_size_builds_and_runs(name, embed_dim, depth):
+    model = create_model(name, weights=None).eval()  # random init: UNI is gated
+    assert (model.backbone.embed_dim, len(model.backbone.blocks)) == (embed_dim, depth)
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 32, 48))
+    assert out["nc"].shape == (1, 4, 32, 48)
+
+
+def test_uni_entry_loads_from_the_hub_with_the_published_settings(monkeypatch):
+    seen = {}
+
+    def fake_create(name, pretrained=False, **kwargs):  # stands in for the gated download only
+        seen.update(name=name, pretrained=pretrained, **kwargs)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr("cellseg.model.timm.create_model", fake_create)
+    with pytest.raises(RuntimeError, match="stop"):
+        create_model("uni")
+    assert seen["name"] == UNI_HUB_ID == "hf-hub:MahmoodLab/UNI"
+    assert seen["pretrained"] and seen["init_values"] == 1e-5 and seen["dynamic_img_size"]
+
+
+def test_any_timm_vit_by_name():
+    model = create_model("vit_tiny_patch16_224", weights=None, decoder_width=32)
+    assert model.backbone.embed_dim == 192 and "test_vit" in list_models()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_backbone_weights_load_from_a_local_file(tmp_path, suffix):
+    source = create_model("test_vit")
+    path = tmp_path / f"backbone{suffix}"
+    state = {k: v.contiguous() for k, v in source.backbone.state_dict().items()}
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    loaded = create_model("test_vit", weights=str(path))
+    for k, v in loaded.backbone.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_a_weights_file_for_another_backbone_is_a_clear_error(tmp_path):
+    path = tmp_path / "small.pth"
+    torch.save(create_model("vit_tiny", weights=None).backbone.state_dict(), path)
+    with pytest.raises(ValueError, match=r"small\.pth: does not fit the backbone"):
+        create_model("test_vit", weights=str(path))

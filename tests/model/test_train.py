@@ -1,0 +1,171 @@
+"""Training on a tiny converted dataset: loss goes down, checkpoints, Phase 2 start, resume, DDP."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cellseg.checkpoint import load_checkpoint
+from cellseg.config import load_config
+from cellseg.convert import convert_dataset
+from cellseg.train import EarlyStopping, train
+from tests.conftest import synthetic_samples, write_voc
+
+pytestmark = pytest.mark.model
+
+TINY = [
+    "backbone=test_vit",
+    "image_size=64,96",
+    "num_workers=0",
+    "batch_size=2",
+    "grad_accum=1",
+    "device=cpu",
+    "deterministic=true",
+    "lr=0.002",
+    "warmup_epochs=0",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    samples = synthetic_samples(10)
+    stems = sorted(samples)
+    voc = write_voc(
+        root / "voc", samples, {"train": stems[:6], "val": stems[6:8], "test": stems[8:]}
+    )
+    convert_dataset(voc, root / "dataset", workers=1)
+    return root / "dataset"
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cellseg.cli", *args]
+
+
+def train_args(phase: int, data: Path, out: Path, *overrides: str) -> list[str]:
+    sets = [a for o in (*TINY, *overrides) for a in ("--set", o)]
+    return ["train", "--phase", str(phase), "--data", str(data), "--out", str(out), *sets]
+
+
+def test_early_stopping_tracks_the_best_and_counts_bad_epochs():
+    stopper = EarlyStopping(patience=2)
+    assert [stopper.update(v) for v in (3.0, 2.0, 2.5, 1.0, 1.5)] == [
+        True,
+        True,
+        False,
+        True,
+        False,
+    ]
+    assert stopper.best == 1.0 and not stopper.should_stop
+    stopper.update(1.2)
+    assert stopper.should_stop
+
+
+def test_short_training_lowers_the_loss_and_keeps_the_best_epoch(dataset, tmp_path):
+    config = load_config("local", 1, [*TINY, "epochs=6"])
+    state = train(1, dataset, tmp_path, config)
+    losses = [h["train_total"] for h in state.history]
+    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0]
+    best = load_checkpoint(tmp_path / "best_phase1.pt")
+    vals = [h["val_total"] for h in state.history]
+    assert best["epoch"] == 1 + vals.index(min(vals))  # written on improvement only
+    assert best["best_metric"] == pytest.approx(min(vals))
+    latest = load_checkpoint(tmp_path / "latest_phase1.pt")
+    assert latest["epoch"] == 6 and len(latest["history"]) == 6
+    assert {"optimizer", "scheduler", "scaler", "rng", "bad_epochs"} <= set(latest)
+    assert (tmp_path / "config_phase1.yaml").is_file()
+
+
+def test_phase2_without_phase1_fails_clearly(dataset, tmp_path):
+    result = subprocess.run(cli(*train_args(2, dataset, tmp_path)), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Phase 2 starts from Phase 1: no best_phase1.pt or latest_phase1.pt" in result.stderr
+    assert not list(tmp_path.iterdir())  # nothing trained from scratch
+
+
+def test_phase2_starts_from_best_else_latest_and_trains_only_lora_and_decoder(dataset, tmp_path):
+    p1 = tmp_path / "p1"
+    train(1, dataset, p1, load_config("local", 1, [*TINY, "epochs=2"]))
+    (p1 / "best_phase1.pt").unlink()  # only latest is left
+    p2 = tmp_path / "p2"
+    result = subprocess.run(
+        cli(*train_args(2, dataset, p2, "epochs=1", "lora_rank=2"), "--init", str(p1)),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"starting from {p1 / 'latest_phase1.pt'}" in result.stderr
+    before = load_checkpoint(p1 / "latest_phase1.pt")["model"]
+    after = load_checkpoint(p2 / "latest_phase2.pt")
+    assert after["lora"] == {"rank": 2, "alpha": 8.0}
+    for key, value in after["model"].items():
+        plain_key = key.replace(".base_layer.", ".")
+        if key.startswith("backbone.") and "lora_" not in key:
+            assert torch.equal(value, before[plain_key]), key  # frozen base weights
+    assert any(
+        not torch.equal(v, before[k]) for k, v in after["model"].items() if k.startswith("decoder.")
+    )
+
+
+def test_a_killed_run_resumes_from_latest_and_ends_with_the_same_weights(dataset, tmp_path):
+    args = ["epochs=4", "limit_train_images=6"]
+    reference = tmp_path / "reference"
+    done = subprocess.run(
+        cli(*train_args(1, dataset, reference, *args)), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        cli(*train_args(1, dataset, interrupted, *args)), stderr=subprocess.DEVNULL
+    )
+    latest = interrupted / "latest_phase1.pt"
+    deadline = time.monotonic() + 120
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-run, as an evicted pod would be
+    proc.wait()
+    assert load_checkpoint(latest)["epoch"] < 4
+    resumed = subprocess.run(
+        cli(*train_args(1, dataset, interrupted, *args)), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+
+    a = load_checkpoint(reference / "latest_phase1.pt")
+    b = load_checkpoint(latest)
+    assert a["epoch"] == b["epoch"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert [h["train_total"] for h in a["history"]] == [h["train_total"] for h in b["history"]]
+
+
+@pytest.mark.integration
+def test_two_process_gloo_ddp_equals_one_process_on_the_same_global_batch(dataset, tmp_path):
+    common = ["epochs=1", "limit_train_images=6", "limit_val_images=2"]
+    single = subprocess.run(
+        cli(*train_args(1, dataset, tmp_path / "one", *common, "batch_size=6")),
+        capture_output=True,
+        text=True,
+    )
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "cellseg.cli",
+            *train_args(1, dataset, tmp_path / "two", *common, "batch_size=3"),
+        ],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr
+    one = load_checkpoint(tmp_path / "one" / "latest_phase1.pt")["model"]
+    two = load_checkpoint(tmp_path / "two" / "latest_phase1.pt")["model"]
+    assert one.keys() == two.keys()
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-5, rtol=1e-4), key

@@ -1,0 +1,101 @@
+import math
+
+import pytest
+import torch
+
+from cellseg.losses import (
+    CLASS_WEIGHTS,
+    cross_entropy,
+    dice_loss,
+    hovernet_loss,
+    hv_gradients,
+)
+
+
+def test_cross_entropy_of_uniform_logits_is_log_2_and_ignores_masked_pixels():
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[0, 1, 0, 0] = 50.0  # confidently wrong, but ignored
+    target = torch.zeros(1, 2, 2, dtype=torch.long)
+    valid = torch.ones(1, 2, 2, dtype=torch.bool)
+    valid[0, 0, 0] = False
+    assert cross_entropy(logits, target, valid).item() == pytest.approx(math.log(2))
+
+
+def test_class_weighted_cross_entropy_by_hand():
+    # Two pixels, uniform logits over 4 classes (ce = ln 4 each): background and a platelet.
+    logits = torch.zeros(1, 4, 1, 2)
+    target = torch.tensor([[[0, 3]]])
+    valid = torch.ones(1, 1, 2, dtype=torch.bool)
+    weights = torch.tensor(CLASS_WEIGHTS)
+    expected = (0.05 * math.log(4) + 8.0 * math.log(4)) / (0.05 + 8.0)
+    assert cross_entropy(logits, target, valid, weights).item() == pytest.approx(expected)
+    # a wrong platelet costs 160x a wrong background pixel
+    logits[0, 0, 0, 1] = 5.0  # platelet pixel predicted background
+    only_platelet_wrong = cross_entropy(logits, target, valid, weights).item()
+    assert only_platelet_wrong > expected
+
+
+def test_dice_loss_is_zero_for_a_perfect_and_one_for_a_disjoint_prediction():
+    target = torch.tensor([[[0, 1], [1, 0]]])
+    valid = torch.ones(1, 2, 2, dtype=torch.bool)
+    perfect = torch.nn.functional.one_hot(target, 2).permute(0, 3, 1, 2).float() * 100
+    assert dice_loss(perfect, target, valid).item() == pytest.approx(0, abs=1e-4)
+    assert dice_loss(-perfect, target, valid).item() == pytest.approx(1, abs=1e-4)
+
+
+def test_hv_gradients_of_a_ramp_are_constant_inside_and_run_on_the_inputs_device():
+    x = torch.arange(12, dtype=torch.float32).repeat(12, 1)  # h-map rising along x
+    hv = torch.stack([x, torch.zeros_like(x)]).unsqueeze(0)
+    grad = hv_gradients(hv)
+    inner = grad[0, 0, 2:-2, 2:-2]
+    assert torch.allclose(inner, inner[0, 0].expand_as(inner)) and inner[0, 0] > 0
+    assert torch.all(grad[0, 1] == 0)
+    assert grad.device == hv.device
+
+
+def _batch(seed: int, b: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    outputs = {
+        "np": torch.randn(b, 2, 16, 16, generator=g),
+        "hv": torch.randn(b, 2, 16, 16, generator=g),
+        "nc": torch.randn(b, 4, 16, 16, generator=g),
+    }
+    nc = torch.randint(0, 4, (b, 16, 16), generator=g)
+    hv = torch.rand(b, 2, 16, 16, generator=g) * 2 - 1
+    ignore = torch.rand(b, 16, 16, generator=g) < 0.2
+    return outputs, (nc > 0).long(), hv, nc, ignore
+
+
+def test_total_is_1_np_plus_2_hv_plus_2_nc():
+    terms = hovernet_loss(*_batch(0))
+    assert terms["total"].item() == pytest.approx(
+        terms["np"].item() + 2 * terms["hv"].item() + 2 * terms["nc"].item()
+    )
+    assert terms["np"].item() == pytest.approx(terms["np_ce"].item() + terms["np_dice"].item())
+
+
+def test_a_batch_loss_is_the_mean_of_its_images_losses():
+    # what makes gradient accumulation and DDP equal to one big batch
+    outputs, np_t, hv_t, nc_t, ignore = _batch(1, b=4)
+    whole = hovernet_loss(outputs, np_t, hv_t, nc_t, ignore)["total"]
+    halves = [
+        hovernet_loss({k: v[s] for k, v in outputs.items()}, np_t[s], hv_t[s], nc_t[s], ignore[s])[
+            "total"
+        ]
+        for s in (slice(0, 2), slice(2, 4))
+    ]
+    assert whole.item() == pytest.approx((halves[0].item() + halves[1].item()) / 2, rel=1e-5)
+
+
+def test_ignored_pixels_change_no_term():
+    outputs, np_t, hv_t, nc_t, ignore = _batch(2)
+    base = hovernet_loss(outputs, np_t, hv_t, nc_t, ignore)
+    changed = {k: v.clone() for k, v in outputs.items()}
+    for v in changed.values():
+        v.permute(0, 2, 3, 1)[ignore] = 123.0  # garbage wherever ignore is set
+    hv_t2 = hv_t.clone()
+    hv_t2.permute(0, 2, 3, 1)[ignore] = -5.0
+    # MSGE looks at a 5x5 neighbourhood: compare only the pixel-wise terms exactly
+    after = hovernet_loss(changed, np_t, hv_t2, nc_t, ignore)
+    for term in ("np_ce", "np_dice", "nc_ce", "nc_dice", "hv_mse"):
+        assert after[term].item() == pytest.approx(base[term].item(), rel=1e-5), term

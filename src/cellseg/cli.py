@@ -55,6 +55,31 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"phase {args.phase}: {state.epoch} epoch(s), best val loss {best:.4f} -> {args.out}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from cellseg.checkpoint import CheckpointError
+    from cellseg.evaluate import evaluate
+
+    try:
+        metrics = evaluate(args.data, args.model, args.out, args.split, args.device, args.limit)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise UserError(str(err)) from err
+    keys = ("box_map50", "mask_map50", "mask_map", "pq", "f1", "aji")
+    print(" ".join(f"{k}={metrics[k]:.3f}" for k in keys) + f" -> {args.out}/report.md")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from cellseg.checkpoint import CheckpointError
+    from cellseg.predict import predict
+
+    try:
+        failures = predict(args.inputs, args.model, args.out, args.device)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise UserError(str(err)) from err
+    if failures:
+        raise UserError(f"{failures} file(s) failed (see above); the others are in {args.out}")
+    print(f"predictions -> {args.out} (results.json, counts.csv, overlays/)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
     train.set_defaults(handler=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="metrics and report of a model on a split")
+    evaluate.add_argument("--data", type=Path, required=True, help="converted dataset directory")
+    evaluate.add_argument("--model", required=True, help="checkpoint, folder or MLflow URI")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
+    evaluate.add_argument("--out", type=Path, required=True)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--limit", type=int, default=0, help="first N images only (0 = all)")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="instances, counts and overlays for images")
+    predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="images or folders")
+    predict.add_argument("--model", required=True, help="checkpoint, folder or MLflow URI")
+    predict.add_argument("--out", type=Path, required=True)
+    predict.add_argument("--device", default="cpu")
+    predict.set_defaults(handler=cmd_predict)
     return parser
 
 

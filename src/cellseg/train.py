@@ -10,6 +10,7 @@ arguments resumes from ``latest``.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import sys
@@ -309,6 +310,7 @@ def _train(phase, data, out, config, init, tracker, world: World) -> TrainState:
         "model_name": config.backbone,
         "decoder_width": model.decoder.branches["np"].bottleneck.out_channels,
         "image_size": list(config.image_size),
+        "native_size": native_size(data),
         "lora": lora,
         "config": config_to_dict(config),
     }
@@ -368,6 +370,12 @@ def _train(phase, data, out, config, init, tracker, world: World) -> TrainState:
     if world.is_main and tracker is not None and best_path.is_file():
         tracker.log_artifact(best_path)
     return state
+
+
+def native_size(data: Path) -> list[int]:
+    """(H, W) of the dataset's frames: inference rescales other images by the same factor."""
+    first = json.loads((data / "coco" / "train.json").read_text())["images"][0]
+    return [first["height"], first["width"]]
 
 
 def _scaling(ckpt: dict) -> float | None:

@@ -12,35 +12,10 @@ import torch
 
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import load_config
-from cellseg.convert import convert_dataset
 from cellseg.train import EarlyStopping, train
-from tests.conftest import synthetic_samples, write_voc
+from tests.model.conftest import TINY
 
 pytestmark = pytest.mark.model
-
-TINY = [
-    "backbone=test_vit",
-    "image_size=64,96",
-    "num_workers=0",
-    "batch_size=2",
-    "grad_accum=1",
-    "device=cpu",
-    "deterministic=true",
-    "lr=0.002",
-    "warmup_epochs=0",
-]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    samples = synthetic_samples(10)
-    stems = sorted(samples)
-    voc = write_voc(
-        root / "voc", samples, {"train": stems[:6], "val": stems[6:8], "test": stems[8:]}
-    )
-    convert_dataset(voc, root / "dataset", workers=1)
-    return root / "dataset"
 
 
 def cli(*args: str) -> list[str]:

@@ -1,0 +1,123 @@
+"""`cellseg predict` and `cellseg evaluate` with a trained checkpoint, and on bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cellseg.dataset import load_sample
+from cellseg.evaluate import evaluate_predictor, instance_classes
+from cellseg.inference import Predictor
+from cellseg.postprocess import Instances
+
+pytestmark = pytest.mark.model
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "cellseg.cli", *map(str, args)], capture_output=True, text=True
+    )
+
+
+def test_predictor_returns_instances_at_the_input_resolution_for_odd_sizes(checkpoint):
+    predictor = Predictor.from_checkpoint(checkpoint)
+    for shape in [(96, 128, 3), (100, 130, 3), (77, 53), (64, 64, 4)]:
+        image = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
+        inst = predictor(image)
+        assert inst.labels.shape == shape[:2]
+        ids = np.unique(inst.labels[inst.labels > 0])
+        assert set(inst.classes[ids - 1].tolist()) <= {1, 2, 3}  # never background
+
+
+def test_predict_writes_results_counts_and_overlays_and_reports_each_bad_file(
+    checkpoint, dataset, tmp_path
+):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = load_sample(dataset, "img_008")["image"]
+    Image.fromarray(good).save(inputs / "rgb.jpg")
+    Image.fromarray(good[..., 0]).save(inputs / "gray.png")
+    Image.fromarray(np.dstack([good, np.full(good.shape[:2], 255, np.uint8)])).save(
+        inputs / "rgba.png"
+    )
+    Image.fromarray(good[..., 0].astype(np.uint16) * 257).save(inputs / "deep16.png")
+    Image.fromarray(good[:90, :101]).save(inputs / "odd.png")
+    (inputs / "notes.txt").write_text("not an image")  # skipped: folders give images only
+    (inputs / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    Image.new("L", (4200, 4100)).save(inputs / "huge.png")
+    text = tmp_path / "text.png"
+    text.write_text("hello")
+
+    out = tmp_path / "out"
+    result = cli("predict", inputs, text, "--model", checkpoint, "--out", out)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    errors = [x for x in lines if x.startswith("cellseg predict:") and "error:" not in x]
+    assert len(errors) == 3, result.stderr
+    assert any("corrupt.jpg: not a readable image" in e for e in errors)
+    assert any("huge.png" in e and "pixel limit" in e for e in errors)
+    assert any("text.png: not a readable image" in e for e in errors)
+
+    names = ["deep16.png", "gray.png", "odd.png", "rgb.jpg", "rgba.png"]
+    counts = (out / "counts.csv").read_text().splitlines()
+    assert counts[0] == "file,RBC,WBC,Platelets"
+    assert sorted(row.split(",")[0] for row in counts[1:]) == names
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted(
+        n.rsplit(".", 1)[0] + ".png" for n in names
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert isinstance(results, list)
+    for r in results:
+        assert r["category_id"] in (1, 2, 3) and r["file_name"] in names
+        assert {"image_id", "bbox", "score", "segmentation"} <= set(r)
+
+
+class Oracle:
+    """Returns the ground truth itself: every metric must come out 1.0."""
+
+    def __init__(self, dataset):
+        self.truth = {}
+        for stem in ("img_008", "img_009"):
+            s = load_sample(dataset, stem)
+            self.truth[s["image"].tobytes()] = s
+
+    def __call__(self, image):
+        s = self.truth[image.tobytes()]
+        labels = s["instance"].astype(np.int32)
+        classes = instance_classes(labels, s["classes"])
+        n = len(classes)
+        return Instances(labels, classes, np.ones(n, np.float32), np.zeros((n, 4)))
+
+
+def test_a_perfect_prediction_scores_one_on_every_metric(dataset, tmp_path):
+    metrics = evaluate_predictor(dataset, Oracle(dataset), tmp_path / "eval", "test")
+    for key in ("mask_map50", "mask_map", "pq", "sq", "rq", "f1", "aji", "bpq", "mpq"):
+        assert metrics[key] == pytest.approx(1.0), key
+    assert metrics["box_map50"] == pytest.approx(1.0)  # mask boxes vs original boxes: IoU > .5
+    for name, pc in metrics["per_class"].items():
+        assert pc["pq"] == pc["iou"] == pc["dice"] == pytest.approx(1.0), name
+    confusion = np.array(metrics["confusion"]["counts"])
+    assert np.array_equal(confusion, np.diag([2, 2, 2, 0]))  # 2 images x one cell per class
+
+
+def test_evaluate_cli_writes_metrics_report_and_figures(checkpoint, dataset, tmp_path):
+    out = tmp_path / "eval"
+    result = cli(
+        "evaluate", "--data", dataset, "--model", checkpoint, "--split", "test", "--out", out
+    )
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"box_map50", "mask_map50", "mask_map", "pq", "f1", "per_class", "void_aware"} <= set(
+        metrics
+    )
+    assert set(metrics["per_class"]) == {"RBC", "WBC", "Platelets"}
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("box_map50", "mask_map50", "pq", "f1"))
+    assert "| box_map50 |" in (out / "report.md").read_text()
+    for png in ("confusion.png", "pr_curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "overlays").glob("best_*.png")) and list(
+        (out / "overlays").glob("worst_*.png")
+    )

@@ -1,0 +1,72 @@
+import numpy as np
+
+from cellseg.postprocess import (
+    classify_instances,
+    classify_instances_reference,
+    postprocess,
+    watershed_instances,
+)
+from cellseg.targets import hv_maps
+
+
+def discs(shape, centres, r):
+    yy, xx = np.indices(shape)
+    inst = np.zeros(shape, np.int32)
+    for i, (cy, cx) in enumerate(centres, start=1):
+        inst[((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) & (inst == 0)] = i
+    return inst
+
+
+def test_two_touching_discs_with_exact_hv_maps_are_separated():
+    truth = discs((100, 140), [(50, 45), (50, 93)], 25)  # 48 px apart: they touch
+    assert len(np.unique(truth)) == 3
+    merged_fg = (truth > 0).astype(np.float32)
+    labels = watershed_instances(merged_fg, hv_maps(truth))
+    assert labels.max() == 2
+    for i in (1, 2):
+        best = max(
+            np.logical_and(labels == j, truth == i).sum()
+            / np.logical_or(labels == j, truth == i).sum()
+            for j in (1, 2)
+        )
+        assert best > 0.9
+
+
+def test_class_is_the_highest_non_background_class_of_the_mean_softmax():
+    labels = np.zeros((1, 10), np.int32)
+    labels[0, :10] = 1
+    probs = np.zeros((4, 1, 10))
+    probs[:, 0, :6] = np.array([0.0, 0.0, 0.5, 0.5 - 1e-3])[:, None]  # argmax WBC, narrowly
+    probs[:, 0, 6:] = np.array([0.0, 0.0, 0.0, 1.0])[:, None]  # platelet, confidently
+    inst = classify_instances(labels, np.ones((1, 10)), probs)
+    # per-pixel majority would say WBC (6 of 10); the mean softmax says Platelets (0.7 vs 0.3)
+    assert inst.classes.tolist() == [3]
+    np.testing.assert_allclose(inst.class_probs[0], [0, 0, 0.3, 0.7], atol=1e-3)
+
+
+def test_a_mostly_background_instance_still_gets_a_cell_class_with_a_low_score():
+    labels = np.ones((4, 4), np.int32)
+    probs = np.zeros((4, 4, 4))
+    probs[:] = np.array([0.9, 0.02, 0.05, 0.03])[:, None, None]
+    inst = classify_instances(labels, np.full((4, 4), 0.6), probs)
+    assert inst.classes.tolist() == [2]  # WBC, never a silent default
+    assert inst.scores[0] == np.float32(0.6 * 0.05 / 0.10)
+
+
+def test_vectorised_classification_equals_the_per_instance_reference():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 30, (64, 80)).astype(np.int32)
+    labels[labels == 7] = 0  # an id with no pixels
+    logits = rng.normal(size=(4, 64, 80))
+    probs = np.exp(logits) / np.exp(logits).sum(0)
+    np_prob = rng.random((64, 80))
+    fast = classify_instances(labels, np_prob, probs)
+    ref = classify_instances_reference(labels, np_prob, probs)
+    present = np.unique(labels[labels > 0]) - 1
+    assert np.array_equal(fast.classes[present], ref.classes[present])
+    np.testing.assert_allclose(fast.scores[present], ref.scores[present], rtol=1e-5)
+
+
+def test_postprocess_of_an_empty_prediction_is_empty():
+    inst = postprocess(np.zeros((32, 32)), np.zeros((2, 32, 32)), np.zeros((4, 32, 32)))
+    assert inst.labels.max() == 0 and len(inst.classes) == 0

@@ -45,9 +45,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     from cellseg.config import ConfigError, load_config
     from cellseg.train import TrainingError, train
 
+    tracker = None
+    if args.mlflow_run and os.environ.get("RANK", "0") == "0":  # rank 0 alone logs
+        from cellseg.tracking import Tracker, configure
+
+        configure()
+        tracker = Tracker(args.mlflow_run)
     try:
         config = load_config(args.profile, args.phase, args.set)
-        state = train(args.phase, args.data, args.out, config, init=args.init)
+        state = train(args.phase, args.data, args.out, config, init=args.init, tracker=tracker)
     except (ConfigError, TrainingError, CheckpointError) as err:
         raise UserError(str(err)) from err
     if state.history:
@@ -106,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
+    train.add_argument("--mlflow-run", help="log into this existing MLflow run (rank 0)")
     train.set_defaults(handler=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="metrics and report of a model on a split")

@@ -235,9 +235,17 @@ def train(
             f"{data}: not a converted dataset (no manifest.json); run cellseg convert"
         )
     world = init_world(config.device)
+    monitor = None
+    if tracker is not None and world.is_main:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=5)
+        monitor.start()
     try:
         return _train(phase, data, out, config, init, tracker, world)
     finally:
+        if monitor is not None:
+            monitor.finish()
         shutdown(world)
 
 

@@ -131,13 +131,18 @@ def test_two_process_gloo_ddp_equals_one_process_on_the_same_global_batch(datase
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run(
         [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "cellseg.cli",
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "cellseg.cli",
             *train_args(1, dataset, tmp_path / "two", *common, "batch_size=3"),
         ],
         capture_output=True,
         text=True,
-    )  # fmt: skip
+    )
     assert ddp.returncode == 0, ddp.stderr
     one = load_checkpoint(tmp_path / "one" / "latest_phase1.pt")["model"]
     two = load_checkpoint(tmp_path / "two" / "latest_phase1.pt")["model"]

@@ -1,0 +1,17 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def convert(source: str, data_md5: str, dataset: Output[Dataset]):
+    """Raw BCCD (VOC boxes) at ``source`` -> the instance-segmentation dataset.
+
+    ``data_md5`` (data.dvc) is checked against the source and keys the step's cache.
+    """
+    from pathlib import Path
+
+    from cellseg.steps import convert_step
+
+    dataset.metadata.update(convert_step(source, data_md5, Path(dataset.path)))

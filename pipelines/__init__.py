@@ -1,0 +1,1 @@
+"""The cellseg Kubeflow pipeline: DAG, compile, local run, submit and schedule."""

@@ -1,0 +1,101 @@
+"""The DAG: convert -> Phase 1 -> Phase 2 -> evaluate -> register -> (if the gate says so) promote.
+
+GPU steps (training, evaluation) get the accelerator type and limit, the node selector and the
+tolerations; CPU steps ask for CPU and memory only. Conversion is cached by the data md5;
+training and evaluation are never cached (a retraining run must retrain).
+"""
+
+from kfp import dsl, kubernetes
+
+from components.convert.component import convert
+from components.evaluate.component import evaluate
+from components.promote.component import promote
+from components.register.component import register
+from components.train_phase1.component import train_phase1
+from components.train_phase2.component import train_phase2
+
+PIPELINE_NAME = "cellseg"
+ACCELERATOR = "nvidia.com/gpu"
+GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+GPU_STEPS = ("train-phase1", "train-phase2", "evaluate")
+CPU_STEPS = ("convert", "register", "promote")
+
+
+def on_gpu(task: dsl.PipelineTask, gpus, node_selector, tolerations) -> dsl.PipelineTask:
+    task.set_accelerator_type(ACCELERATOR).set_accelerator_limit(gpus)
+    task.set_cpu_request("4").set_memory_request("32G").set_memory_limit("64G")
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
+    return task
+
+
+def on_cpu(task: dsl.PipelineTask, cpu: str = "1", memory: str = "4G") -> dsl.PipelineTask:
+    return task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="BCCD blood-cell instance segmentation: UNI + HoVer")
+def cellseg_pipeline(
+    source: str = "/mnt/datasets/BCCD",
+    data_md5: str = "",
+    profile: str = "uni-gpu",
+    epochs: int = 0,
+    lora_rank: int = 0,
+    overrides: list = [],  # noqa: B006 (a KFP parameter default, never mutated)
+    gpus_per_node: int = 1,
+    num_nodes: int = 1,
+    node_selector: dict = GPU_NODE_SELECTOR,
+    tolerations: list = GPU_TOLERATIONS,
+    checkpoint_root: str = "/mnt/checkpoints",
+    mlflow_uri: str = "http://mlflow.cellseg.svc.cluster.local:5000",
+    run_tags: dict = {},  # noqa: B006
+    promotion_tolerance: float = 0.02,
+    force_promote: bool = False,
+):
+    run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    data = on_cpu(convert(source=source, data_md5=data_md5), "2", "8G").set_display_name("convert")
+    data.set_caching_options(True)
+    dataset = data.outputs["dataset"]
+    common = dict(
+        profile=profile,
+        overrides=overrides,
+        gpus_per_node=gpus_per_node,
+        num_nodes=num_nodes,
+        checkpoint_root=checkpoint_root,
+        pipeline_run_id=run_id,
+        run_tags=run_tags,
+        mlflow_uri=mlflow_uri,
+    )
+    phase1 = train_phase1(dataset=dataset, epochs=epochs, **common)
+    phase2 = train_phase2(
+        dataset=dataset,
+        phase1=phase1.outputs["model"],
+        epochs=epochs,
+        lora_rank=lora_rank,
+        **common,
+    )
+    scores = evaluate(
+        dataset=dataset,
+        model=phase2.outputs["model"],
+        pipeline_run_id=run_id,
+        run_tags=run_tags,
+        mlflow_uri=mlflow_uri,
+    )
+    for task in (phase1, phase2, scores):
+        on_gpu(task, gpus_per_node, node_selector, tolerations).set_caching_options(False)
+    gate = on_cpu(
+        register(
+            model=phase2.outputs["model"],
+            report_files=scores.outputs["report_files"],
+            dataset=dataset,
+            pipeline_run_id=run_id,
+            run_tags=run_tags,
+            mlflow_uri=mlflow_uri,
+            tolerance=promotion_tolerance,
+            force=force_promote,
+        )
+    ).set_caching_options(False)
+    with dsl.If(gate.outputs["Output"] == True, name="promotion-gate"):  # noqa: E712
+        on_cpu(
+            promote(registered=gate.outputs["registered"], mlflow_uri=mlflow_uri)
+        ).set_caching_options(False)

@@ -1,0 +1,176 @@
+"""Pipeline steps as plain functions of paths and strings: what each KFP component calls.
+
+Each step reads its inputs from arguments and writes its outputs to the folder it is given;
+MLflow runs are linked through the pipeline run id, never through another step's internals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cellseg import tracking
+
+
+def convert_step(source: str, data_md5: str, out: Path) -> dict:
+    """Convert raw BCCD at ``source`` after checking it is the data revision asked for."""
+    from cellseg.convert import ConversionError, convert_dataset
+    from cellseg.data_source import VOC_PARTS, dvc_dir_md5, file_checksums
+
+    sums = {
+        rel: md5
+        for rel, md5 in file_checksums(Path(source)).items()
+        if rel.startswith(tuple(f"{p}/" for p in VOC_PARTS))
+    }
+    found = dvc_dir_md5(sums)
+    if data_md5 and found != data_md5:
+        raise ConversionError(f"{source}: data md5 is {found}, the pipeline asked for {data_md5}")
+    manifest = convert_dataset(Path(source), Path(out), preview=4)
+    return {k: v["images"] for k, v in manifest["splits"].items()} | {"data_md5": found}
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What a pipeline asks of one training phase."""
+
+    phase: int
+    profile: str
+    epochs: int = 0  # 0: the profile's
+    lora_rank: int = 0  # 0: the profile's
+    overrides: list = field(default_factory=list)  # extra key=value
+    gpus_per_node: int = 1  # processes per node (CPU processes locally)
+    num_nodes: int = 1
+
+    def config_overrides(self) -> list[str]:
+        extra = [f"epochs={self.epochs}"] if self.epochs > 0 else []
+        extra += [f"lora_rank={self.lora_rank}"] if self.lora_rank > 0 else []
+        return [*extra, *map(str, self.overrides)]
+
+
+def training_command(
+    request: TrainRequest, data: Path, out: Path, init: Path | None, mlflow_run: str | None
+) -> list[str]:
+    """``cellseg train`` (under torchrun for several processes): the same code path either way."""
+    args = ["train", "--phase", str(request.phase), "--data", str(data), "--out", str(out)]
+    args += ["--profile", request.profile]
+    args += [a for o in request.config_overrides() for a in ("--set", o)]
+    if init is not None:
+        args += ["--init", str(init)]
+    if mlflow_run:
+        args += ["--mlflow-run", mlflow_run]
+    if request.gpus_per_node > 1:
+        launcher = ["--standalone", f"--nproc_per_node={request.gpus_per_node}"]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            *launcher,
+            "-m",
+            "cellseg.cli",
+            *args,
+        ]
+    return [sys.executable, "-m", "cellseg.cli", *args]
+
+
+def train_step(
+    request: TrainRequest,
+    data: Path,
+    out: Path,
+    init: Path | None,
+    checkpoint_root: str,
+    pipeline_run_id: str,
+    tags: dict,
+    mlflow_uri: str | None,
+) -> dict:
+    """Train one phase; checkpoints end up in ``out``.
+
+    With ``checkpoint_root`` (a shared volume), training writes to
+    ``<root>/<pipeline run>/phase<N>``, stable across retries, so a re-run step resumes from
+    ``latest``; the checkpoints are then copied to ``out``.
+    """
+    work = (
+        Path(checkpoint_root) / pipeline_run_id / f"phase{request.phase}"
+        if checkpoint_root
+        else out
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    step = f"phase{request.phase}"
+    with tracking.step_run(step, pipeline_run_id, tags, mlflow_uri or None) as tracker:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(mlflow_uri or None)}
+        cmd = training_command(request, data, work, init, tracker.run_id)
+        subprocess.run(cmd, check=True, env=env)
+    if work != out:
+        out.mkdir(parents=True, exist_ok=True)
+        for ckpt in work.glob(f"*_phase{request.phase}.*"):
+            shutil.copy2(ckpt, out / ckpt.name)
+    return {"best": f"best_phase{request.phase}.pt", "mlflow_run_id": tracker.run_id}
+
+
+def evaluate_step(
+    data: Path, model: Path, out: Path, pipeline_run_id: str, tags: dict, mlflow_uri: str | None
+) -> dict:
+    from cellseg.evaluate import evaluate
+
+    with tracking.step_run("evaluate", pipeline_run_id, tags, mlflow_uri or None) as tracker:
+        metrics = evaluate(data, str(model), out)
+        tracker.log_metrics(flat_metrics(metrics))
+        tracker.log_artifact(Path(out), "report")
+    return metrics
+
+
+def flat_metrics(metrics: dict) -> dict[str, float]:
+    """``metrics.json`` as flat MLflow metric names: ``test_pq``, ``test_pq_RBC``, ..."""
+    flat = {}
+    for key in ("pq", "sq", "rq", "f1", "precision", "recall", "aji", "bpq", "mpq"):
+        flat[f"test_{key}"] = metrics[key]
+    for key in ("box_map50", "box_map", "mask_map50", "mask_map"):
+        flat[f"test_{key}"] = metrics[key]
+    for name, pc in metrics["per_class"].items():
+        for key in ("pq", "f1", "box_ap50", "iou", "dice"):
+            flat[f"test_{key}_{name}"] = pc[key]
+    for key in ("pq", "f1", "box_map50", "mask_map50"):
+        flat[f"test_void_{key}"] = metrics["void_aware"][key]
+    return flat
+
+
+def register_step(
+    model: Path,
+    metrics_path: Path,
+    data: Path,
+    pipeline_run_id: str,
+    tags: dict,
+    mlflow_uri: str | None,
+    tolerance: float,
+    force: bool,
+) -> dict:
+    """Register the model as ``challenger`` and return the promotion decision."""
+    from cellseg.dataset import load_sample, split_files
+    from cellseg.model_store import find_checkpoint
+    from cellseg.registry import register
+
+    metrics = json.loads(Path(metrics_path).read_text())
+    example = load_sample(Path(data), split_files(Path(data), "test", 1)[0])["image"]
+    with tracking.step_run("register", pipeline_run_id, tags, mlflow_uri or None) as tracker:
+        version, decision = register(
+            tracker.run_id,
+            find_checkpoint(Path(model)),
+            metrics,
+            example,
+            tolerance=tolerance,
+            force=force,
+        )
+        tracker.set_tags({"cellseg.model_version": version, "cellseg.promote": decision.promote})
+    tracking.finish_parent(pipeline_run_id, mlflow_uri or None)
+    return {"version": version, "promote": decision.promote, "reasons": decision.reasons}
+
+
+def promote_step(version: str, mlflow_uri: str | None) -> None:
+    from cellseg.registry import promote
+
+    tracking.configure(mlflow_uri or None)
+    promote(version)

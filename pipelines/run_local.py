@@ -81,8 +81,8 @@ def summary(run_dir: Path, mlflow_uri: str) -> str:
         f"{metrics['pq']:>6.3f} {metrics['f1']:>6.3f}"
     )
     for name, pc in metrics["per_class"].items():
-        figures = f"{pc['box_ap50']:>9.3f} {pc['mask_ap50']:>10.3f} {pc['pq']:>6.3f} {pc['f1']:>6.3f}"
-        lines.append(f"  {name:<10} {figures}")
+        ap = f"{pc['box_ap50']:>9.3f} {pc['mask_ap50']:>10.3f}"
+        lines.append(f"  {name:<10} {ap} {pc['pq']:>6.3f} {pc['f1']:>6.3f}")
     va = metrics["void_aware"]
     lines.append(
         f"  void-aware: PQ {va['pq']:.3f}, F1 {va['f1']:.3f}, box mAP50 {va['box_map50']:.3f}"

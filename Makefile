@@ -9,7 +9,11 @@ STAMP := $(VENV)/.installed
 OUT ?= out
 PREVIEW ?= 4
 
-.PHONY: help setup data convert test lint format bench lock pipeline-run clean
+.PHONY: help setup data convert test lint format bench lock compile pipeline-run schedule \
+	unschedule compare mlflow-ui clean
+
+CRON ?= 0 0 3 * * 1
+MLFLOW_PORT ?= 5000
 
 help: ## List the targets, one line each
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -27,8 +31,30 @@ data: setup ## Obtain raw BCCD into data/BCCD (from BCCD_MIRROR if set) and veri
 convert: data ## Convert data/BCCD into the instance-segmentation dataset under out/dataset
 	$(BIN)/cellseg convert --source data/BCCD --out $(OUT)/dataset --preview $(PREVIEW)
 
-pipeline-run: convert ## Run the whole pipeline locally (kfp.local, CPU, local profile)
-	@echo "dataset: $(OUT)/dataset (manifest.json, preview/*.png)"
+compile: setup ## Compile the pipeline to pipelines/cellseg_pipeline.yaml (IMAGE=... for a cluster)
+	$(BIN)/python -m pipelines.compile $(if $(IMAGE),--image $(IMAGE))
+
+pipeline-run: setup ## The whole pipeline: locally (kfp.local, CPU) or, with KFP_HOST, on the cluster
+ifdef KFP_HOST
+	$(BIN)/python -m pipelines.submit run
+else
+	$(MAKE) --no-print-directory data
+	$(BIN)/python -m pipelines.run_local --source data/BCCD --pipeline-root $(OUT)/kfp
+endif
+
+schedule: setup ## Weekly retraining on KFP_HOST: CRON="0 0 3 * * 1" (6 fields, seconds first)
+	$(BIN)/python -m pipelines.submit schedule --cron "$(CRON)"
+
+unschedule: setup ## Remove the scheduled retraining from KFP_HOST
+	$(BIN)/python -m pipelines.submit unschedule
+
+compare: setup ## Compare the last pipeline runs and registry versions (RUNS=A,B: two side by side)
+	$(BIN)/cellseg compare $(if $(RUNS),--runs $(RUNS))
+
+mlflow-ui: setup ## Serve the embedded MLflow store on http://127.0.0.1:5000 (MLFLOW_PORT=...)
+	$(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
+		--backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlruns/artifacts
 
 lint: setup ## Ruff lint and format check
 	$(BIN)/ruff check .

@@ -8,6 +8,7 @@ training and evaluation are never cached (a retraining run must retrain).
 from kfp import dsl, kubernetes
 
 from components.convert.component import convert
+from components.data_version.component import data_version
 from components.evaluate.component import evaluate
 from components.promote.component import promote
 from components.register.component import register
@@ -17,9 +18,9 @@ from components.train_phase2.component import train_phase2
 PIPELINE_NAME = "cellseg"
 ACCELERATOR = "nvidia.com/gpu"
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
-GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+GPU_TOLERATIONS = [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
 GPU_STEPS = ("train-phase1", "train-phase2", "evaluate")
-CPU_STEPS = ("convert", "register", "promote")
+CPU_STEPS = ("data-version", "convert", "register", "promote")
 
 
 def on_gpu(task: dsl.PipelineTask, gpus, node_selector, tolerations) -> dsl.PipelineTask:
@@ -37,7 +38,7 @@ def on_cpu(task: dsl.PipelineTask, cpu: str = "1", memory: str = "4G") -> dsl.Pi
 @dsl.pipeline(name=PIPELINE_NAME, description="BCCD blood-cell instance segmentation: UNI + HoVer")
 def cellseg_pipeline(
     source: str = "/mnt/datasets/BCCD",
-    data_md5: str = "",
+    data_md5: str = "",  # "" = whatever revision is at source (scheduled retraining)
     profile: str = "uni-gpu",
     epochs: int = 0,
     lora_rank: int = 0,
@@ -53,8 +54,9 @@ def cellseg_pipeline(
     force_promote: bool = False,
 ):
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-    data = on_cpu(convert(source=source, data_md5=data_md5), "2", "8G").set_display_name("convert")
-    data.set_caching_options(True)
+    version = on_cpu(data_version(source=source, expected_md5=data_md5)).set_caching_options(False)
+    data = on_cpu(convert(source=source, data_md5=version.output), "2", "8G")
+    data.set_caching_options(True)  # keyed on the data md5: new data, new conversion
     dataset = data.outputs["dataset"]
     common = dict(
         profile=profile,

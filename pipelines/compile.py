@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ast
 from pathlib import Path
 
+import yaml
 from kfp import compiler
 
 from components import IMAGE
@@ -13,32 +15,41 @@ from pipelines.cellseg_pipeline import cellseg_pipeline
 DEFAULT_OUTPUT = Path(__file__).with_name("cellseg_pipeline.yaml")
 
 
-def set_image(image: str) -> None:
-    """Point every component of the pipeline at ``image`` (default: the committed one)."""
-    import components.convert.component as c1
-    import components.evaluate.component as c4
-    import components.promote.component as c6
-    import components.register.component as c5
-    import components.train_phase1.component as c2
-    import components.train_phase2.component as c3
+def set_image(spec_path: Path, image: str) -> None:
+    """Point every step of a compiled pipeline at ``image``."""
+    docs = list(yaml.safe_load_all(spec_path.read_text()))
+    for executor in docs[0]["deploymentSpec"]["executors"].values():
+        executor["container"]["image"] = image
+    spec_path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
 
-    for module, name in [
-        (c1, "convert"),
-        (c2, "train_phase1"),
-        (c3, "train_phase2"),
-        (c4, "evaluate"),
-        (c5, "register"),
-        (c6, "promote"),
-    ]:
-        getattr(module, name).component_spec.implementation.container.image = image
+
+def _sorted_literal(value):
+    if isinstance(value, dict):
+        return {k: _sorted_literal(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_literal(v) for v in value]
+    return value
+
+
+def stable_header(text: str) -> str:
+    """KFP writes dict defaults into the header comment in hash order, which changes from one
+    process to the next; sort them so the committed YAML is reproducible."""
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if not line.startswith("#"):
+            break
+        head, sep, rest = line.partition("[Default: ")
+        if sep and rest.rstrip().endswith("]"):
+            default = ast.literal_eval(rest.rstrip()[:-1])
+            lines[i] = f"{head}{sep}{_sorted_literal(default)!r}]\n"
+    return "".join(lines)
 
 
 def compile_pipeline(output: Path = DEFAULT_OUTPUT, image: str = IMAGE) -> Path:
-    set_image(image)
-    try:
-        compiler.Compiler().compile(cellseg_pipeline, str(output))
-    finally:
-        set_image(IMAGE)
+    compiler.Compiler().compile(cellseg_pipeline, str(output))
+    output.write_text(stable_header(output.read_text()))
+    if image != IMAGE:
+        set_image(output, image)
     return output
 
 

@@ -10,16 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from cellseg.data_source import VOC_PARTS, dvc_dir_md5, file_checksums
+from cellseg.steps import data_version_step
 from cellseg.tracking import default_tracking_uri
 from pipelines.cellseg_pipeline import cellseg_pipeline
-
-
-def source_md5(source: Path) -> str:
-    sums = file_checksums(source)
-    return dvc_dir_md5(
-        {r: m for r, m in sums.items() if r.startswith(tuple(f"{p}/" for p in VOC_PARTS))}
-    )
 
 
 def git_commit() -> str:
@@ -42,7 +35,7 @@ def run_local(
     source, pipeline_root = Path(source).resolve(), Path(pipeline_root).resolve()
     pipeline_root.mkdir(parents=True, exist_ok=True)
     before = set(pipeline_root.iterdir())
-    md5 = source_md5(source)
+    md5 = data_version_step(str(source))
     uri = mlflow_uri or default_tracking_uri()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
     cellseg_pipeline(

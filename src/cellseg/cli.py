@@ -86,6 +86,34 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"predictions -> {args.out} (results.json, counts.csv, overlays/)")
 
 
+def cmd_register(args: argparse.Namespace) -> None:
+    import json
+
+    from cellseg.registry import promote
+    from cellseg.steps import register_step
+
+    result = register_step(
+        args.model, args.metrics, args.data, args.pipeline_run, {}, None, args.tolerance, args.force
+    )
+    if result["promote"]:
+        promote(result["version"])
+    print(json.dumps(result))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from cellseg.compare import compare
+
+    runs = args.runs.split(",") if args.runs else None
+    if runs is not None and len(runs) != 2:
+        raise UserError("--runs takes two runs: A,B")
+    try:
+        print(compare(args.last, runs, args.png))
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    if not runs:
+        print(f"\nhistory plot: {args.png}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, required=True)
     predict.add_argument("--device", default="cpu")
     predict.set_defaults(handler=cmd_predict)
+
+    register = sub.add_parser("register", help="register a model in MLflow (challenger + gate)")
+    register.add_argument("--model", type=Path, required=True, help="checkpoint or folder")
+    register.add_argument("--metrics", type=Path, required=True, help="metrics.json of evaluate")
+    register.add_argument("--data", type=Path, required=True, help="converted dataset")
+    register.add_argument("--pipeline-run", default="manual", help="groups the MLflow runs")
+    register.add_argument("--tolerance", type=float, default=0.02, help="per-class PQ drop")
+    register.add_argument("--force", action="store_true", help="promote regardless (recorded)")
+    register.set_defaults(handler=cmd_register)
+
+    compare = sub.add_parser("compare", help="compare pipeline runs and registry versions")
+    compare.add_argument("--last", type=int, default=10, help="the last N pipeline runs")
+    compare.add_argument("--runs", help="two pipeline runs side by side: A,B")
+    compare.add_argument("--png", type=Path, default=Path("out/compare.png"))
+    compare.set_defaults(handler=cmd_compare)
     return parser
 
 

@@ -116,6 +116,8 @@ def instances_table(inst, pd):
 
 def log_model(run_id: str, checkpoint: Path, example_image) -> str:
     """Log the pyfunc (checkpoint + pre/post-processing) in ``run_id``; returns its model URI."""
+    from importlib.metadata import version
+
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
@@ -129,6 +131,9 @@ def log_model(run_id: str, checkpoint: Path, example_image) -> str:
             artifacts={"checkpoint": str(checkpoint)},
             signature=signature,
             input_example=example_image,
+            # The serving environment is the project image; naming it skips MLflow's slow
+            # requirement inference (which loads the model in a subprocess).
+            pip_requirements=[f"cellseg-kfp=={version('cellseg-kfp')}"],
         )
     return info.model_uri
 

@@ -17,21 +17,28 @@ from pathlib import Path
 from cellseg import tracking
 
 
-def convert_step(source: str, data_md5: str, out: Path) -> dict:
-    """Convert raw BCCD at ``source`` after checking it is the data revision asked for."""
-    from cellseg.convert import ConversionError, convert_dataset
+def data_version_step(source: str, expected_md5: str = "") -> str:
+    """DVC md5 of the VOC parts at ``source``; an error if it is not ``expected_md5`` (when set)."""
+    from cellseg.convert import ConversionError
     from cellseg.data_source import VOC_PARTS, dvc_dir_md5, file_checksums
 
-    sums = {
-        rel: md5
-        for rel, md5 in file_checksums(Path(source)).items()
-        if rel.startswith(tuple(f"{p}/" for p in VOC_PARTS))
-    }
-    found = dvc_dir_md5(sums)
-    if data_md5 and found != data_md5:
-        raise ConversionError(f"{source}: data md5 is {found}, the pipeline asked for {data_md5}")
+    sums = file_checksums(Path(source))
+    found = dvc_dir_md5(
+        {r: m for r, m in sums.items() if r.startswith(tuple(f"{p}/" for p in VOC_PARTS))}
+    )
+    if expected_md5 and found != expected_md5:
+        raise ConversionError(
+            f"{source}: data md5 is {found}, the pipeline asked for {expected_md5}"
+        )
+    return found
+
+
+def convert_step(source: str, data_md5: str, out: Path) -> dict:
+    """Convert raw BCCD at ``source``; ``data_md5`` (from :func:`data_version_step`) is recorded."""
+    from cellseg.convert import convert_dataset
+
     manifest = convert_dataset(Path(source), Path(out), preview=4)
-    return {k: v["images"] for k, v in manifest["splits"].items()} | {"data_md5": found}
+    return {k: v["images"] for k, v in manifest["splits"].items()} | {"data_md5": data_md5}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import load_config
 from cellseg.train import EarlyStopping, train
-from tests.model.conftest import TINY
+from tests.conftest import TINY
 
 pytestmark = pytest.mark.model
 

@@ -1,0 +1,162 @@
+"""On a cluster (``KFP_HOST``): compile, upload a pipeline version, start a run, schedule.
+
+Settings from the environment, read in ``main``: ``KFP_HOST`` (e.g. https://kubeflow.example.com/pipeline),
+``KFP_NAMESPACE`` (default ``kubeflow``), ``KFP_TOKEN`` (a bearer token, never printed),
+``IMAGE`` (the project image for every step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cellseg.data_source import read_dvc_pointer
+from components import IMAGE
+from pipelines.cellseg_pipeline import PIPELINE_NAME
+from pipelines.compile import compile_pipeline
+
+EXPERIMENT = "cellseg"
+RECURRING_RUN = "cellseg-retrain"
+
+
+class ScheduleError(ValueError):
+    """A schedule KFP would not take (or would misread)."""
+
+
+def check_cron(expression: str) -> str:
+    """KFP's cron has six fields, seconds first; a 5-field (Unix) cron is refused, not guessed."""
+    fields = expression.split()
+    if len(fields) == 5:
+        raise ScheduleError(
+            f"cron {expression!r} has 5 fields, but KFP expects 6 with seconds first: "
+            f"did you mean '0 {expression}'?"
+        )
+    if len(fields) != 6:
+        raise ScheduleError(
+            f"cron {expression!r} must have 6 fields: second minute hour day month weekday"
+        )
+    return expression
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def upload_version(client, spec: Path, version_name: str) -> tuple[str, str]:
+    """The pipeline (created on first upload) and a new version of it; returns their ids."""
+    pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
+    if pipeline_id is None:
+        pipeline_id = client.upload_pipeline(str(spec), pipeline_name=PIPELINE_NAME).pipeline_id
+    version = client.upload_pipeline_version(
+        str(spec), pipeline_version_name=version_name, pipeline_id=pipeline_id
+    )
+    return pipeline_id, version.pipeline_version_id
+
+
+def run_params(data_md5: str, image: str, extra: dict) -> dict:
+    tags = {"cellseg.git_commit": git_commit(), "cellseg.image": image}
+    if data_md5:
+        tags["cellseg.data_md5"] = data_md5
+    return {"data_md5": data_md5, "run_tags": tags, **extra}
+
+
+def submit_run(
+    client, host: str, spec: Path, version_name: str, params: dict, namespace: str
+) -> str:
+    """Upload, run in the ``cellseg`` experiment; returns the run's URL."""
+    pipeline_id, version_id = upload_version(client, spec, version_name)
+    experiment = client.create_experiment(EXPERIMENT, namespace=namespace)  # gets if it exists
+    run = client.run_pipeline(
+        experiment_id=experiment.experiment_id,
+        job_name=f"{PIPELINE_NAME} {version_name}",
+        pipeline_id=pipeline_id,
+        version_id=version_id,
+        params=params,
+    )
+    return f"{host.rstrip('/')}/#/runs/details/{run.run_id}"
+
+
+def recurring_runs(client, experiment_id: str) -> list:
+    found = client.list_recurring_runs(experiment_id=experiment_id, page_size=100)
+    return [r for r in (found.recurring_runs or []) if r.display_name == RECURRING_RUN]
+
+
+def schedule(client, spec: Path, version_name: str, cron: str, params: dict, namespace: str) -> str:
+    """Create or replace (never duplicate) the weekly retraining run; returns its id."""
+    check_cron(cron)
+    pipeline_id, version_id = upload_version(client, spec, version_name)
+    experiment = client.create_experiment(EXPERIMENT, namespace=namespace)
+    for old in recurring_runs(client, experiment.experiment_id):
+        client.delete_recurring_run(old.recurring_run_id)
+    job = client.create_recurring_run(
+        experiment_id=experiment.experiment_id,
+        job_name=RECURRING_RUN,
+        cron_expression=cron,
+        max_concurrency=1,
+        no_catchup=True,
+        pipeline_id=pipeline_id,
+        version_id=version_id,
+        params=params,
+        enabled=True,
+    )
+    return job.recurring_run_id
+
+
+def unschedule(client, namespace: str) -> int:
+    experiment = client.create_experiment(EXPERIMENT, namespace=namespace)
+    runs = recurring_runs(client, experiment.experiment_id)
+    for run in runs:
+        client.delete_recurring_run(run.recurring_run_id)
+    return len(runs)
+
+
+def make_client(host: str, namespace: str, token: str | None):
+    import kfp
+
+    return kfp.Client(host=host, namespace=namespace, existing_token=token or None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Submit or schedule the pipeline on KFP_HOST")
+    parser.add_argument("action", choices=("run", "schedule", "unschedule"))
+    parser.add_argument("--cron", default="", help='6 fields, seconds first: "0 0 3 * * 1"')
+    parser.add_argument("--profile", default="uni-gpu")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "schedule":
+            check_cron(args.cron)
+        host = os.environ.get("KFP_HOST")
+        if not host:
+            raise ScheduleError("KFP_HOST is not set (e.g. https://kubeflow.example.com/pipeline)")
+    except ScheduleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    namespace = os.environ.get("KFP_NAMESPACE", "kubeflow")
+    image = os.environ.get("IMAGE", IMAGE)
+    client = make_client(host, namespace, os.environ.get("KFP_TOKEN"))
+    version_name = f"{git_commit()}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = compile_pipeline(Path(tmp) / "cellseg_pipeline.yaml", image)
+        if args.action == "run":
+            params = run_params(
+                read_dvc_pointer(Path("data.dvc")).md5, image, {"profile": args.profile}
+            )
+            print(f"run: {submit_run(client, host, spec, version_name, params, namespace)}")
+        elif args.action == "schedule":
+            # data_md5 "" = whatever revision is on the volume when the run starts
+            params = run_params("", image, {"profile": args.profile})
+            job = schedule(client, spec, version_name, args.cron, params, namespace)
+            print(f"scheduled {RECURRING_RUN} ({args.cron}): {job}")
+        else:
+            print(f"removed {unschedule(client, namespace)} recurring run(s) named {RECURRING_RUN}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The whole KFP pipeline under kfp.local on a few synthetic images, tiny model, 1 epoch."""
+
+import json
+
+import mlflow
+import pytest
+
+from cellseg.compare import compare
+from cellseg.registry import CHAMPION, MODEL_NAME
+from pipelines.run_local import run_local, summary
+from tests.conftest import TINY, synthetic_samples, write_voc
+
+pytestmark = pytest.mark.integration
+
+
+def test_pipeline_produces_a_registered_model_a_report_and_a_comparison(mlflow_uri, tmp_path):
+    samples = synthetic_samples(8)
+    stems = sorted(samples)
+    voc = write_voc(
+        tmp_path / "voc", samples, {"train": stems[:4], "val": stems[4:6], "test": stems[6:]}
+    )
+    run_dir = run_local(voc, tmp_path / "kfp", "local", [*TINY, "epochs=1"], mlflow_uri)
+
+    report = run_dir / "evaluate" / "report_files"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["images"] == 2 and 0 <= metrics["pq"] <= 1
+    assert (report / "report.md").is_file() and (report / "confusion.png").is_file()
+    manifest = json.loads((run_dir / "convert" / "dataset" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["images"] == 4
+
+    text = summary(run_dir, mlflow_uri)
+    assert "Registry: cellseg version" in text and "box mAP50" in text
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
+    assert champion.tags["promotion.decision"] == "promote"
+
+    # one parent run with the five steps nested under it, tagged for filtering
+    parents = client.search_runs(
+        [client.get_experiment_by_name("cellseg").experiment_id],
+        filter_string="tags.`cellseg.profile` = 'local'",
+    )
+    steps = {r.data.tags.get("cellseg.step") for r in parents}
+    assert {"phase1", "phase2", "evaluate", "register"} <= steps
+    assert all(r.data.tags["cellseg.data_md5"].endswith(".dir") for r in parents)
+    phase1 = next(r for r in parents if r.data.tags.get("cellseg.step") == "phase1")
+    assert phase1.data.params["backbone"] == "test_vit" and "val_total" in phase1.data.metrics
+
+    table = compare(5, None, tmp_path / "history.png", mlflow_uri)
+    pipeline_run = phase1.data.tags["cellseg.pipeline_run_id"]
+    assert pipeline_run in table and f"{champion.version}" in table
+    assert (tmp_path / "history.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,87 @@
+"""The committed compiled pipeline: fresh, valid against the KFP protos, GPU settings right."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.kubernetes import kubernetes_executor_config_pb2
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+from pipelines.cellseg_pipeline import CPU_STEPS, GPU_STEPS
+from pipelines.compile import DEFAULT_OUTPUT, compile_pipeline
+
+
+@pytest.fixture(scope="module")
+def committed():
+    docs = list(yaml.safe_load_all(DEFAULT_OUTPUT.read_text()))
+    assert len(docs) == 2, "expected the PipelineSpec and the Kubernetes platform spec"
+    return docs
+
+
+def test_committed_yaml_is_what_make_compile_writes(tmp_path):
+    fresh = compile_pipeline(tmp_path / "fresh.yaml")
+    assert fresh.read_text() == DEFAULT_OUTPUT.read_text(), "stale: run `make compile` and commit"
+
+
+def test_both_documents_parse_into_the_kfp_protos(committed):
+    pipeline, platform = committed
+    json_format.ParseDict(pipeline, pipeline_spec_pb2.PipelineSpec())  # unknown fields raise
+    for config in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
+        json_format.ParseDict(config, kubernetes_executor_config_pb2.KubernetesExecutorConfig())
+
+
+def executors(committed):
+    pipeline, platform = committed
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return pipeline["deploymentSpec"]["executors"], k8s
+
+
+def test_gpu_steps_carry_accelerator_selector_and_toleration(committed):
+    containers, k8s = executors(committed)
+    for step in GPU_STEPS:
+        resources = containers[f"exec-{step}"]["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu", step
+        assert "gpus_per_node" in resources["accelerator"]["resourceCount"], step
+        config = k8s[f"exec-{step}"]
+        assert (
+            config["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == "node_selector"
+        )
+        assert (
+            config["tolerations"][0]["tolerationJson"]["componentInputParameter"] == "tolerations"
+        )
+
+
+def test_cpu_steps_ask_for_no_gpu_but_for_cpu_and_memory(committed):
+    containers, k8s = executors(committed)
+    for step in CPU_STEPS:
+        resources = containers[f"exec-{step}"]["container"]["resources"]
+        assert "accelerator" not in resources, step
+        assert resources["cpuRequest"] > 0 and resources["memoryRequest"] > 0, step
+        assert f"exec-{step}" not in k8s, step  # no selector, no toleration
+
+
+def test_only_conversion_is_cached(committed):
+    pipeline, _ = committed
+    tasks = {**pipeline["root"]["dag"]["tasks"]}
+    for comp in pipeline["components"].values():
+        tasks.update(comp.get("dag", {}).get("tasks", {}))
+    cached = {name for name, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
+    assert cached == {"convert"}
+    assert (
+        tasks["convert"]["inputs"]["parameters"]["data_md5"]["taskOutputParameter"]["producerTask"]
+        == "data-version"
+    )
+
+
+def test_promotion_runs_under_the_gate(committed):
+    pipeline, _ = committed
+    condition = pipeline["root"]["dag"]["tasks"]["condition-1"]
+    assert "promotion" in condition["componentRef"]["name"] or condition["triggerPolicy"]
+    assert "Output" in condition["triggerPolicy"]["condition"]
+
+
+def test_every_pipeline_parameter_is_documented_in_the_readme(committed):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name in committed[0]["root"]["inputDefinitions"]["parameters"]:
+        assert f"`{name}`" in readme, name

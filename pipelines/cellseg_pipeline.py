@@ -1,12 +1,15 @@
-"""The DAG: convert -> Phase 1 -> Phase 2 -> evaluate -> register -> (if the gate says so) promote.
+"""The DAG: data-version -> convert -> Phase 1 -> Phase 2 -> evaluate -> register -> promote.
 
-GPU steps (training, evaluation) get the accelerator type and limit, the node selector and the
-tolerations; CPU steps ask for CPU and memory only. Conversion is cached by the data md5;
-training and evaluation are never cached (a retraining run must retrain).
+The GPU step (evaluation) gets the accelerator type and limit, the node selector and the
+tolerations. Training steps launch PyTorchJobs (Master + Workers) that get the GPUs, the node
+selector and the tolerations; the steps themselves only wait, on CPU. Other steps ask for CPU
+and memory only. Conversion is cached on the data md5; training and evaluation never are (a
+retraining run must retrain).
 """
 
 from kfp import dsl, kubernetes
 
+from components import IMAGE
 from components.convert.component import convert
 from components.data_version.component import data_version
 from components.evaluate.component import evaluate
@@ -19,8 +22,10 @@ PIPELINE_NAME = "cellseg"
 ACCELERATOR = "nvidia.com/gpu"
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 GPU_TOLERATIONS = [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
-GPU_STEPS = ("train-phase1", "train-phase2", "evaluate")
-CPU_STEPS = ("data-version", "convert", "register", "promote")
+GPU_STEPS = ("evaluate",)
+TRAINING_STEPS = ("train-phase1", "train-phase2")  # launchers: the PyTorchJob pods get the GPUs
+CPU_STEPS = ("data-version", "convert", *TRAINING_STEPS, "register", "promote")
+DATASETS_PVC, CHECKPOINTS_PVC = "cellseg-datasets", "cellseg-checkpoints"
 
 
 def on_gpu(task: dsl.PipelineTask, gpus, node_selector, tolerations) -> dsl.PipelineTask:
@@ -49,6 +54,8 @@ def cellseg_pipeline(
     tolerations: list = GPU_TOLERATIONS,
     checkpoint_root: str = "/mnt/checkpoints",
     mlflow_uri: str = "http://mlflow.cellseg.svc.cluster.local:5000",
+    image: str = IMAGE,
+    train_timeout_hours: float = 72.0,
     run_tags: dict = {},  # noqa: B006
     promotion_tolerance: float = 0.02,
     force_promote: bool = False,
@@ -57,6 +64,8 @@ def cellseg_pipeline(
     version = on_cpu(data_version(source=source, expected_md5=data_md5)).set_caching_options(False)
     data = on_cpu(convert(source=source, data_md5=version.output), "2", "8G")
     data.set_caching_options(True)  # keyed on the data md5: new data, new conversion
+    for task in (version, data):
+        kubernetes.mount_pvc(task, pvc_name=DATASETS_PVC, mount_path="/mnt/datasets")
     dataset = data.outputs["dataset"]
     common = dict(
         profile=profile,
@@ -67,6 +76,10 @@ def cellseg_pipeline(
         pipeline_run_id=run_id,
         run_tags=run_tags,
         mlflow_uri=mlflow_uri,
+        image=image,
+        node_selector=node_selector,
+        tolerations=tolerations,
+        timeout_hours=train_timeout_hours,
     )
     phase1 = train_phase1(dataset=dataset, epochs=epochs, **common)
     phase2 = train_phase2(
@@ -83,8 +96,10 @@ def cellseg_pipeline(
         run_tags=run_tags,
         mlflow_uri=mlflow_uri,
     )
-    for task in (phase1, phase2, scores):
-        on_gpu(task, gpus_per_node, node_selector, tolerations).set_caching_options(False)
+    for task in (phase1, phase2):
+        on_cpu(task).set_caching_options(False)
+        kubernetes.mount_pvc(task, pvc_name=CHECKPOINTS_PVC, mount_path="/mnt/checkpoints")
+    on_gpu(scores, gpus_per_node, node_selector, tolerations).set_caching_options(False)
     gate = on_cpu(
         register(
             model=phase2.outputs["model"],

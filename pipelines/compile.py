@@ -16,10 +16,13 @@ DEFAULT_OUTPUT = Path(__file__).with_name("cellseg_pipeline.yaml")
 
 
 def set_image(spec_path: Path, image: str) -> None:
-    """Point every step of a compiled pipeline at ``image``."""
+    """Point every step of a compiled pipeline, and its training jobs, at ``image``."""
     docs = list(yaml.safe_load_all(spec_path.read_text()))
     for executor in docs[0]["deploymentSpec"]["executors"].values():
         executor["container"]["image"] = image
+    docs[0]["root"]["inputDefinitions"]["parameters"]["image"]["defaultValue"] = (
+        image  # PyTorchJobs
+    )
     spec_path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
 
 

@@ -63,7 +63,7 @@ def run_params(data_md5: str, image: str, extra: dict) -> dict:
     tags = {"cellseg.git_commit": git_commit(), "cellseg.image": image}
     if data_md5:
         tags["cellseg.data_md5"] = data_md5
-    return {"data_md5": data_md5, "run_tags": tags, **extra}
+    return {"data_md5": data_md5, "run_tags": tags, "image": image, **extra}
 
 
 def submit_run(

@@ -97,6 +97,7 @@ def tiny_voc(tmp_path: Path) -> Path:
 
 TINY = [
     "backbone=test_vit",
+    "decoder_width=0",  # the test ViT's own (32), whatever the profile says
     "image_size=64,96",
     "num_workers=0",
     "batch_size=2",

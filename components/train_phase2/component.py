@@ -14,6 +14,10 @@ def train_phase2(
     overrides: list,
     gpus_per_node: int,
     num_nodes: int,
+    image: str,
+    node_selector: dict,
+    tolerations: list,
+    timeout_hours: float,
     checkpoint_root: str,
     pipeline_run_id: str,
     run_tags: dict,
@@ -25,7 +29,19 @@ def train_phase2(
 
     from cellseg.steps import TrainRequest, train_step
 
-    request = TrainRequest(2, profile, epochs, lora_rank, overrides, gpus_per_node, num_nodes)
+    request = TrainRequest(
+        2,
+        profile,
+        epochs,
+        lora_rank,
+        overrides,
+        gpus_per_node,
+        num_nodes,
+        image,
+        node_selector,
+        tolerations,
+        timeout_hours,
+    )
     info = train_step(
         request,
         Path(dataset.path),

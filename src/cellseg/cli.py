@@ -114,6 +114,45 @@ def cmd_compare(args: argparse.Namespace) -> None:
         print(f"\nhistory plot: {args.png}")
 
 
+def cmd_launch(args: argparse.Namespace) -> None:
+    import yaml
+
+    from cellseg.launch import JobSpec, build_pytorchjob, job_name, run_pytorchjob
+
+    train_args = ["--phase", str(args.phase), "--data", args.data, "--out", args.out]
+    train_args += ["--profile", args.profile] + [a for o in args.set for a in ("--set", o)]
+    tolerations = [
+        {
+            "key": t.partition(":")[0],
+            "operator": "Exists",
+            "effect": t.partition(":")[2] or "NoSchedule",
+        }
+        for t in args.toleration
+    ]
+    selector = dict(kv.split("=", 1) for kv in args.node_selector)
+    spec = JobSpec(
+        name=args.name or job_name(args.pipeline_run, args.phase),
+        image=args.image,
+        train_args=tuple(train_args),
+        namespace=args.namespace,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        node_selector=selector,
+        tolerations=tuple(tolerations),
+        mlflow_uri=os.environ.get("MLFLOW_TRACKING_URI", ""),
+    )
+    if args.dry_run:
+        print(yaml.safe_dump(build_pytorchjob(spec), sort_keys=False), end="")
+        return
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    run_pytorchjob(spec, args.timeout_hours * 3600, client.ApiClient())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +206,28 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--tolerance", type=float, default=0.02, help="per-class PQ drop")
     register.add_argument("--force", action="store_true", help="promote regardless (recorded)")
     register.set_defaults(handler=cmd_register)
+
+    launch = sub.add_parser("launch", help="train as a PyTorchJob (--dry-run prints its YAML)")
+    launch.add_argument("--dry-run", action="store_true", help="print the manifest, submit nothing")
+    launch.add_argument("--phase", type=int, choices=(1, 2), default=1)
+    launch.add_argument("--data", default="/mnt/checkpoints/manual/dataset")
+    launch.add_argument("--out", default="/mnt/checkpoints/manual/phase1")
+    launch.add_argument("--profile", default="uni-gpu")
+    launch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    launch.add_argument("--nodes", type=int, default=1)
+    launch.add_argument("--gpus-per-node", type=int, default=1)
+    launch.add_argument("--image", default="cellseg-kfp:0.1.0")
+    launch.add_argument("--namespace", default="cellseg")
+    launch.add_argument("--name", help="job name (default: from --pipeline-run and --phase)")
+    launch.add_argument("--pipeline-run", default="manual")
+    launch.add_argument(
+        "--node-selector", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
+    )
+    launch.add_argument(
+        "--toleration", action="append", default=[], metavar="KEY[:EFFECT]", help="repeatable"
+    )
+    launch.add_argument("--timeout-hours", type=float, default=72.0)
+    launch.set_defaults(handler=cmd_launch)
 
     compare = sub.add_parser("compare", help="compare pipeline runs and registry versions")
     compare.add_argument("--last", type=int, default=10, help="the last N pipeline runs")

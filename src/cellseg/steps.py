@@ -52,6 +52,11 @@ class TrainRequest:
     overrides: list = field(default_factory=list)  # extra key=value
     gpus_per_node: int = 1  # processes per node (CPU processes locally)
     num_nodes: int = 1
+    # on a cluster, the PyTorchJob's pods:
+    image: str = ""
+    node_selector: dict = field(default_factory=dict)
+    tolerations: list = field(default_factory=list)
+    timeout_hours: float = 72.0
 
     def config_overrides(self) -> list[str]:
         extra = [f"epochs={self.epochs}"] if self.epochs > 0 else []
@@ -84,6 +89,15 @@ def training_command(
     return [sys.executable, "-m", "cellseg.cli", *args]
 
 
+def in_cluster() -> bool:
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def pod_namespace() -> str:
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    return path.read_text().strip() if path.is_file() else "default"
+
+
 def train_step(
     request: TrainRequest,
     data: Path,
@@ -96,26 +110,60 @@ def train_step(
 ) -> dict:
     """Train one phase; checkpoints end up in ``out``.
 
-    With ``checkpoint_root`` (a shared volume), training writes to
-    ``<root>/<pipeline run>/phase<N>``, stable across retries, so a re-run step resumes from
-    ``latest``; the checkpoints are then copied to ``out``.
+    On a cluster (with ``checkpoint_root``, a ReadWriteMany volume) the phase runs as a
+    PyTorchJob in ``<root>/<pipeline run>/phase<N>``, stable across retries, so a re-run step
+    resumes from ``latest``. Elsewhere it runs here, under torchrun for several processes.
     """
-    work = (
-        Path(checkpoint_root) / pipeline_run_id / f"phase{request.phase}"
-        if checkpoint_root
-        else out
-    )
+    run_root = Path(checkpoint_root) / pipeline_run_id if checkpoint_root else None
+    work = run_root / f"phase{request.phase}" if run_root else out
     work.mkdir(parents=True, exist_ok=True)
+    if run_root and request.phase == 2:
+        init = run_root / "phase1"  # Phase 1's checkpoints are already on the volume
     step = f"phase{request.phase}"
     with tracking.step_run(step, pipeline_run_id, tags, mlflow_uri or None) as tracker:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(mlflow_uri or None)}
-        cmd = training_command(request, data, work, init, tracker.run_id)
-        subprocess.run(cmd, check=True, env=env)
+        if run_root and in_cluster():
+            shared_data = run_root / "dataset"
+            if not (shared_data / "manifest.json").is_file():
+                shutil.copytree(data, shared_data, dirs_exist_ok=True)
+            run_on_cluster(
+                request, shared_data, work, init, pipeline_run_id, tracker.run_id, mlflow_uri
+            )
+        else:
+            env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(mlflow_uri or None)}
+            cmd = training_command(request, data, work, init, tracker.run_id)
+            subprocess.run(cmd, check=True, env=env)
     if work != out:
         out.mkdir(parents=True, exist_ok=True)
         for ckpt in work.glob(f"*_phase{request.phase}.*"):
             shutil.copy2(ckpt, out / ckpt.name)
     return {"best": f"best_phase{request.phase}.pt", "mlflow_run_id": tracker.run_id}
+
+
+def run_on_cluster(
+    request: TrainRequest,
+    data: Path,
+    work: Path,
+    init: Path | None,
+    pipeline_run_id: str,
+    mlflow_run: str,
+    mlflow_uri: str | None,
+) -> None:
+    from cellseg.launch import JobSpec, job_name, run_pytorchjob
+
+    args = training_command(request, data, work, init, mlflow_run)
+    train_args = args[args.index("train") + 1 :]
+    spec = JobSpec(
+        name=job_name(pipeline_run_id, request.phase),
+        image=request.image,
+        train_args=tuple(train_args),
+        namespace=pod_namespace(),
+        nodes=request.num_nodes,
+        gpus_per_node=request.gpus_per_node,
+        node_selector=dict(request.node_selector),
+        tolerations=tuple(request.tolerations),
+        mlflow_uri=mlflow_uri or "",
+    )
+    run_pytorchjob(spec, request.timeout_hours * 3600)
 
 
 def evaluate_step(

@@ -12,6 +12,7 @@ import torch
 
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import load_config
+from cellseg.steps import TrainRequest, training_command
 from cellseg.train import EarlyStopping, train
 from tests.conftest import TINY
 
@@ -122,30 +123,30 @@ def test_a_killed_run_resumes_from_latest_and_ends_with_the_same_weights(dataset
 
 @pytest.mark.integration
 def test_two_process_gloo_ddp_equals_one_process_on_the_same_global_batch(dataset, tmp_path):
-    common = ["epochs=1", "limit_train_images=6", "limit_val_images=2"]
-    single = subprocess.run(
-        cli(*train_args(1, dataset, tmp_path / "one", *common, "batch_size=6")),
-        capture_output=True,
-        text=True,
-    )
-    assert single.returncode == 0, single.stderr
-    ddp = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "cellseg.cli",
-            *train_args(1, dataset, tmp_path / "two", *common, "batch_size=3"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert ddp.returncode == 0, ddp.stderr
-    one = load_checkpoint(tmp_path / "one" / "latest_phase1.pt")["model"]
-    two = load_checkpoint(tmp_path / "two" / "latest_phase1.pt")["model"]
+    """Through the launcher's local path (torchrun), as the pipeline's training step runs it."""
+    common = [*TINY, "epochs=1", "limit_train_images=6", "limit_val_images=2"]
+
+    def run(processes: int, batch_size: int, out: Path):
+        request = TrainRequest(
+            1, "local", overrides=[*common, f"batch_size={batch_size}"], gpus_per_node=processes
+        )
+        cmd = training_command(request, dataset, out, None, None)
+        assert ("torch.distributed.run" in cmd) == (processes > 1)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return load_checkpoint(out / "latest_phase1.pt")["model"]
+
+    one = run(1, 6, tmp_path / "one")
+    two = run(2, 3, tmp_path / "two")  # 2 x 3 = the same global batch of 6
     assert one.keys() == two.keys()
+    # Adam's first step moves each weight by about ±lr whatever its gradient's size, so a weight
+    # whose gradient is at rounding-noise level (summed in another order across ranks) may go
+    # the other way: allow that for a handful of elements, bounded by one step (2 x lr).
+    lr = 0.002
+    close = total = 0
     for key in one:
-        assert torch.allclose(one[key], two[key], atol=1e-5, rtol=1e-4), key
+        diff = (one[key] - two[key]).abs()
+        assert diff.max() <= 2 * lr + 1e-6, key
+        close += int((diff <= 1e-5 + 1e-4 * two[key].abs()).sum())
+        total += diff.numel()
+    assert close / total > 0.999

@@ -8,7 +8,7 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from pipelines.cellseg_pipeline import CPU_STEPS, GPU_STEPS
+from pipelines.cellseg_pipeline import CPU_STEPS, GPU_STEPS, TRAINING_STEPS
 from pipelines.compile import DEFAULT_OUTPUT, compile_pipeline
 
 
@@ -58,7 +58,19 @@ def test_cpu_steps_ask_for_no_gpu_but_for_cpu_and_memory(committed):
         resources = containers[f"exec-{step}"]["container"]["resources"]
         assert "accelerator" not in resources, step
         assert resources["cpuRequest"] > 0 and resources["memoryRequest"] > 0, step
-        assert f"exec-{step}" not in k8s, step  # no selector, no toleration
+        assert "nodeSelector" not in k8s.get(f"exec-{step}", {}), step
+        assert "tolerations" not in k8s.get(f"exec-{step}", {}), step
+
+
+def test_training_steps_pass_gpu_placement_to_their_pytorchjobs(committed):
+    pipeline, _ = committed
+    _, k8s = executors(committed)
+    tasks = pipeline["root"]["dag"]["tasks"]
+    for step in TRAINING_STEPS:
+        params = tasks[step]["inputs"]["parameters"]
+        for name in ("node_selector", "tolerations", "gpus_per_node", "num_nodes", "image"):
+            assert params[name]["componentInputParameter"] == name, (step, name)
+        assert k8s[f"exec-{step}"]["pvcMount"][0]["mountPath"] == "/mnt/checkpoints"
 
 
 def test_only_conversion_is_cached(committed):

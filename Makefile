@@ -10,9 +10,13 @@ OUT ?= out
 PREVIEW ?= 4
 
 .PHONY: help setup data convert test lint format bench lock compile pipeline-run schedule \
-	unschedule compare mlflow-ui clean
+	unschedule compare mlflow-ui images deploy clean
 
 CRON ?= 0 0 3 * * 1
+REGISTRY ?= registry.example.com/cellseg
+GIT_SHA := $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+IMAGE_REF ?= $(REGISTRY)/cellseg-kfp:$(GIT_SHA)
+OVERLAY ?= generic-gpu
 MLFLOW_PORT ?= 5000
 
 help: ## List the targets, one line each
@@ -75,6 +79,14 @@ lock: setup ## Re-resolve requirements.lock from pyproject.toml (needs network)
 	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 --no-header --annotation-style line \
 		-o requirements.lock
+
+images: ## Build and push the project image, tagged with the git commit (REGISTRY=...)
+	docker build -f images/gpu.Dockerfile -t $(IMAGE_REF) .
+	docker push $(IMAGE_REF)
+	@echo "next: make compile IMAGE=$(IMAGE_REF)  or  IMAGE=$(IMAGE_REF) make pipeline-run"
+
+deploy: setup ## Apply the cluster manifests (OVERLAY=generic-gpu|gke-h100) with kubectl
+	$(BIN)/kubectl apply -k manifests/overlays/$(OVERLAY)
 
 clean: ## Remove outputs (keeps .venv and data/)
 	rm -rf $(OUT) .pytest_cache .ruff_cache

@@ -49,7 +49,7 @@ class JobSpec:
     backoff_limit: int = 3
     active_deadline_seconds: int = 3 * 24 * 3600
     ttl_seconds_after_finished: int = 7 * 24 * 3600
-    service_account: str = "cellseg-pipeline"
+    service_account: str = "cellseg-train"  # no API rights (manifests/base/rbac.yaml)
 
 
 def job_name(pipeline_run_id: str, phase: int) -> str:

@@ -1,0 +1,137 @@
+"""Dockerfiles and Kubernetes manifests, validated for real: hadolint, kustomize, the Kubernetes
+OpenAPI schemas (kubernetes-validate), and the security rules for every container."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DOCKERFILES = sorted((REPO / "images").glob("*Dockerfile"))
+OVERLAYS = sorted(p.name for p in (REPO / "manifests" / "overlays").iterdir())
+K8S_VERSION = "1.30.0"
+
+
+def tool(name: str) -> str:
+    path = BIN / name
+    return str(path) if path.exists() else shutil.which(name) or pytest.fail(f"{name} missing")
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_passes_hadolint(dockerfile):
+    result = subprocess.run([tool("hadolint"), str(dockerfile)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_pins_its_base_installs_only_the_lock_and_runs_as_non_root(dockerfile):
+    text = dockerfile.read_text()
+    bases = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    external = [b for b in bases if ":" in b or "/" in b]
+    assert external and all(re.search(r":[\w.-]+@sha256:[0-9a-f]{64}$", b) for b in external)
+    assert not any(b.split("@")[0].endswith(":latest") for b in external)
+    for line in re.findall(r"pip install[^\n]*", text):
+        assert "-r /tmp/requirements.lock" in line or "--no-deps" in line, line
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert not re.search(r"(TOKEN|SECRET|PASSWORD|ACCESS_KEY)\S*\s*=", text)
+
+
+def test_dockerignore_keeps_data_and_outputs_out():
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    rules = [x.strip() for x in lines if x.strip() and not x.startswith("#")]
+    assert rules[0] == "*" and "!data/" not in rules and "!mlruns/" not in rules
+
+
+def render(overlay: str) -> list[dict]:
+    result = subprocess.run(
+        [tool("kubectl"), "kustomize", str(REPO / "manifests" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def objects(request):
+    return render(request.param)
+
+
+def test_every_object_validates_against_the_kubernetes_schemas(objects):
+    kinds = {o["kind"] for o in objects}
+    assert {"Namespace", "PersistentVolumeClaim", "Deployment", "Service", "Role"} <= kinds
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def pod_specs(objects):
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            yield obj["metadata"]["name"], obj["spec"]["template"]["spec"]
+
+
+def test_every_container_is_limited_non_root_and_unprivileged(objects):
+    specs = list(pod_specs(objects))
+    assert specs
+    for name, pod in specs:
+        pod_ctx = pod.get("securityContext", {})
+        for c in pod["containers"] + pod.get("initContainers", []):
+            where = f"{name}/{c['name']}"
+            res = c.get("resources", {})
+            assert {"cpu", "memory"} <= set(res.get("requests", {})), where
+            assert {"cpu", "memory"} <= set(res.get("limits", {})), where
+            ctx = c.get("securityContext", {})
+            assert ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is True, where
+            assert ctx.get("allowPrivilegeEscalation") is False, where
+            assert ctx.get("readOnlyRootFilesystem") is True, where
+            image = c["image"]
+            assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), where
+
+
+def test_rbac_allows_pytorchjobs_and_pod_logs_in_the_namespace_only(objects):
+    assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    (role,) = [o for o in objects if o["kind"] == "Role"]
+    rules = {
+        (g, r): set(rule["verbs"])
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    }
+    assert rules == {
+        ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete"},
+        ("", "pods"): {"get", "list", "watch"},
+        ("", "pods/log"): {"get"},
+    }
+    assert role["metadata"]["namespace"] == "cellseg"
+
+
+def test_shared_volumes_are_read_write_many(objects):
+    pvcs = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    for name in ("cellseg-datasets", "cellseg-checkpoints", "cellseg-hf-cache"):
+        assert pvcs[name]["spec"]["accessModes"] == ["ReadWriteMany"], name
+
+
+def test_mlflow_accepts_its_in_cluster_service_names(objects):
+    (mlflow,) = [
+        o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow"
+    ]
+    args = " ".join(mlflow["spec"]["template"]["spec"]["containers"][0]["args"])
+    hosts = re.search(r"--allowed-hosts=(\S+)", args).group(1).split(",")
+    assert "mlflow.cellseg.svc.cluster.local:*" in hosts and "mlflow:*" in hosts
+
+
+def test_secret_templates_hold_placeholders_only():
+    templates = sorted((REPO / "manifests" / "secrets").glob("*.yaml"))
+    assert templates
+    for path in templates:
+        secret = yaml.safe_load(path.read_text())
+        kubernetes_validate.validate(secret, K8S_VERSION, strict=True)
+        assert secret["kind"] == "Secret"
+        assert all(str(v).startswith("REPLACE_WITH_") for v in secret["stringData"].values()), path

@@ -67,7 +67,7 @@ def watershed_instances(
     sobel_v = 1 - _normalise(cv2.Sobel(v_dir, cv2.CV_32F, 0, 1, ksize=params.sobel_ksize))
     boundary = np.maximum(sobel_h, sobel_v)
     boundary = np.clip(boundary - (~fg), 0, None)
-    distance = -cv2.GaussianBlur((1.0 - boundary) * fg, (3, 3), 0)
+    distance = -cv2.GaussianBlur(((1.0 - boundary) * fg).astype(np.float64), (3, 3), 0)
     markers = fg & (boundary < params.boundary_threshold)
     markers = ndi.binary_fill_holes(markers)
     markers = cv2.morphologyEx(

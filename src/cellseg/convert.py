@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from cellseg import coco
 from cellseg.arrays import save_arrays
+from cellseg.atomic import staged_dir
 from cellseg.data_source import VOC_PARTS, dvc_dir_md5, file_checksums
 from cellseg.overlay import draw_overlay
 from cellseg.pseudomask import MaskCounts, MaskParams, instances_from_boxes
@@ -174,12 +175,9 @@ def convert_dataset(
     splits = read_splits(source)
     jobs_meta = [(stem, split) for split in SPLITS for stem in splits[split]]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    for sub in ("images", "targets", "coco", "preview"):
-        (work / sub).mkdir(parents=True)
-    try:
+    with staged_dir(out) as work:
+        for sub in ("images", "targets", "coco", "preview"):
+            (work / sub).mkdir()
         jobs = [(source, stem, split, work, params) for stem, split in jobs_meta]
         workers = workers or min(os.cpu_count() or 1, 8)
         with ProcessPoolExecutor(workers) as pool:
@@ -198,11 +196,6 @@ def convert_dataset(
         for r in bad:
             print(f"skipped: {r.error}", file=sys.stderr)
         manifest = write_outputs(work, source, results, params, preview)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return manifest
 
 

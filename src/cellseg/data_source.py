@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from cellseg.atomic import write_text
+
 BCCD_COMMIT = "d272fb1"
 BCCD_ARCHIVE_URL = f"https://github.com/Shenggan/BCCD_Dataset/archive/{BCCD_COMMIT}.tar.gz"
 VOC_PARTS = ("Annotations", "JPEGImages", "ImageSets/Main")
@@ -80,13 +82,7 @@ def read_md5sums(path: Path, prefix: str) -> dict[str, str]:
 
 def write_md5sums(path: Path, checksums: dict[str, str], prefix: str) -> None:
     lines = [f"{checksums[rel]}  {prefix.rstrip('/')}/{rel}\n" for rel in sorted(checksums)]
-    atomic_write_text(path, "".join(lines))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, "".join(lines))
 
 
 def verify(

@@ -9,8 +9,6 @@ COCOeval ignores matches to).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cellseg.atomic import staged_dir
 from cellseg.coco import encode_rle
 from cellseg.dataset import load_sample
 from cellseg.metrics import (
@@ -227,18 +226,11 @@ def evaluate_predictor(
         metrics["per_class"][name]["mask_ap50"] = mask["ap50_per_class"][name]
         metrics["void_aware"]["per_class"][name]["box_ap50"] = box_void["ap50_per_class"][name]
 
-    work = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "overlays").mkdir(parents=True)
-    try:
-        from cellseg.report import write_report
+    from cellseg.report import write_report
 
+    with staged_dir(out) as work:
+        (work / "overlays").mkdir()
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (work / "results.json").write_text(json.dumps(results))
         write_report(work, metrics, box["pr50"], data, per_image, overlays)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return metrics

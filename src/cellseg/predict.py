@@ -9,13 +9,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cellseg.atomic import write_text
 from cellseg.evaluate import coco_results
 from cellseg.inference import InputError, as_rgb_uint8
 from cellseg.overlay import draw_overlay
@@ -51,12 +51,6 @@ def read_image(path: Path) -> np.ndarray:
         raise InputError(f"not a readable image ({err.__class__.__name__})") from None
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def predict(inputs: list[Path], model_ref: str, out: Path, device: str = "cpu") -> int:
     """Predict every input; returns the number of files that failed."""
     from cellseg.model_store import load_predictor
@@ -86,6 +80,6 @@ def predict(inputs: list[Path], model_ref: str, out: Path, device: str = "cpu") 
     writer = csv.writer(buf)
     writer.writerow(["file", *CLASS_NAMES])
     writer.writerows(rows)
-    _atomic_text(out / "counts.csv", buf.getvalue())
-    _atomic_text(out / "results.json", json.dumps(results))
+    write_text(out / "counts.csv", buf.getvalue())
+    write_text(out / "results.json", json.dumps(results))
     return failures

@@ -73,7 +73,7 @@ def bench_input_pipeline(data: Path, steps: int = 12) -> list[Row]:
     from torch.utils.data import DataLoader
 
     from cellseg.config import load_config
-    from cellseg.dataset import CellDataset
+    from cellseg.dataset import CellDataset, worker_init
     from cellseg.train import build_model
 
     config = load_config("local", 1)
@@ -87,6 +87,7 @@ def bench_input_pipeline(data: Path, steps: int = 12) -> list[Row]:
         shuffle=True,
         num_workers=config.num_workers,
         persistent_workers=config.num_workers > 0,
+        worker_init_fn=worker_init,
     )
     real = _train_step_throughput(model, optimizer, itertools.cycle(loader), steps)
     cached = [b for b, _ in zip(loader, range(4), strict=False)]

@@ -39,6 +39,14 @@ def to_tensors(image: np.ndarray, instance: np.ndarray, classes: np.ndarray, ign
     }
 
 
+def worker_init(_worker_id: int) -> None:
+    """DataLoader workers: one OpenCV thread each (torch already uses one), so loading does
+    not compete with the training step for cores."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 class CellDataset(torch.utils.data.Dataset):
     """Samples of one split, resized (and, for training, augmented) to ``image_size``.
 

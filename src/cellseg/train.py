@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from cellseg.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model_state
 from cellseg.config import TrainConfig, config_to_dict
-from cellseg.dataset import CellDataset
+from cellseg.dataset import CellDataset, worker_init
 from cellseg.distributed import World, all_reduce_sum, broadcast_flag, init_world, shutdown
 from cellseg.lora import add_lora, lora_scaling
 from cellseg.losses import hovernet_loss
@@ -167,6 +167,7 @@ def make_loader(dataset, world: World, config: TrainConfig, shuffle: bool, seed:
         num_workers=config.num_workers,
         pin_memory=world.device.type == "cuda",
         persistent_workers=False,  # workers re-read the dataset's epoch each epoch
+        worker_init_fn=worker_init,
     )
     return loader, sampler
 

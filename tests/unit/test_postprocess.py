@@ -70,3 +70,15 @@ def test_vectorised_classification_equals_the_per_instance_reference():
 def test_postprocess_of_an_empty_prediction_is_empty():
     inst = postprocess(np.zeros((32, 32)), np.zeros((2, 32, 32)), np.zeros((4, 32, 32)))
     assert inst.labels.max() == 0 and len(inst.classes) == 0
+
+
+def test_fill_holes_matches_scipy():
+    from scipy import ndimage as ndi
+
+    from cellseg.postprocess import fill_holes
+
+    rng = np.random.default_rng(1)
+    mask = ndi.binary_opening(rng.random((60, 80)) > 0.45)
+    mask[10:20, 10:20] = True
+    mask[13:17, 13:17] = False  # a hole
+    assert np.array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))

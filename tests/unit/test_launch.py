@@ -3,6 +3,7 @@ submit / stream / wait / fail logic against a small stand-in Kubernetes API (no 
 
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -15,11 +16,10 @@ import yaml
 
 from cellseg.launch import JobFailed, JobRunner, JobSpec, build_pytorchjob, job_name
 
-CRD = (
-    Path(__file__).resolve().parents[2].parent
-    / "shared"
-    / "schemas"
-    / "kubeflow.org_pytorchjobs.yaml"
+# The PyTorchJob CRD (training-operator release-1.9) from ../shared, or where PYTORCHJOB_CRD says.
+CRD = Path(
+    os.environ.get("PYTORCHJOB_CRD")
+    or Path(__file__).resolve().parents[3] / "shared/schemas/kubeflow.org_pytorchjobs.yaml"
 )
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cellseg.model_store import resolve_checkpoint
 from cellseg.registry import CHALLENGER, CHAMPION, promote, register
 from cellseg.voc import CLASS_NAMES
 
@@ -48,6 +49,10 @@ def test_register_alias_load_by_alias_and_predict_on_a_bccd_image(
     client = mlflow.MlflowClient()
     assert client.get_model_version_by_alias(model_name, CHAMPION).version == version
     assert client.get_model_version_by_alias(model_name, CHALLENGER).version == version
+
+    # `cellseg predict --model models:/...@champion` resolves the same version's checkpoint
+    local = resolve_checkpoint(f"models:/{model_name}@{CHAMPION}")
+    assert local.read_bytes() == checkpoint.read_bytes()
 
     model = mlflow.pyfunc.load_model(f"models:/{model_name}@{CHAMPION}")
     cells = model.predict(image)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from cellseg import coco
 from cellseg.arrays import save_arrays
 from cellseg.atomic import staged_dir
-from cellseg.data_source import VOC_PARTS, dvc_dir_md5, file_checksums
+from cellseg.data_source import voc_md5
 from cellseg.overlay import draw_overlay
 from cellseg.pseudomask import MaskCounts, MaskParams, instances_from_boxes
 from cellseg.voc import CLASS_NAMES, AnnotationError, CleanupCounts, clean_boxes, parse_voc
@@ -222,15 +222,10 @@ def write_outputs(
 
     for r in good[:preview]:
         write_preview(work, r.stem)
-    source_checksums = {
-        rel: md5
-        for rel, md5 in file_checksums(source).items()
-        if rel.startswith(tuple(f"{part}/" for part in VOC_PARTS))
-    }
     manifest = {
         "format": "cellseg-dataset/1",
         "package_version": version("cellseg-kfp"),
-        "source": {"path": str(source), "dvc_md5": dvc_dir_md5(source_checksums)},
+        "source": {"path": str(source), "dvc_md5": voc_md5(source)},
         "classes": {name: i + 1 for i, name in enumerate(CLASS_NAMES)},
         "params": asdict(params),
         "splits": {split: summarise(results, split) for split in SPLITS},

@@ -63,6 +63,12 @@ def dvc_dir_md5(checksums: dict[str, str]) -> str:
     return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
+def voc_md5(root: Path) -> str:
+    """The DVC md5 of the VOC parts under ``root`` (what ``data.dvc`` pins), ignoring the rest."""
+    prefixes = tuple(f"{part}/" for part in VOC_PARTS)
+    return dvc_dir_md5({r: m for r, m in file_checksums(root).items() if r.startswith(prefixes)})
+
+
 def read_dvc_pointer(dvc_file: Path) -> DvcPointer:
     try:
         out = yaml.safe_load(dvc_file.read_text())["outs"][0]

@@ -20,12 +20,9 @@ from cellseg import tracking
 def data_version_step(source: str, expected_md5: str = "") -> str:
     """DVC md5 of the VOC parts at ``source``; an error if it is not ``expected_md5`` (when set)."""
     from cellseg.convert import ConversionError
-    from cellseg.data_source import VOC_PARTS, dvc_dir_md5, file_checksums
+    from cellseg.data_source import voc_md5
 
-    sums = file_checksums(Path(source))
-    found = dvc_dir_md5(
-        {r: m for r, m in sums.items() if r.startswith(tuple(f"{p}/" for p in VOC_PARTS))}
-    )
+    found = voc_md5(Path(source))
     if expected_md5 and found != expected_md5:
         raise ConversionError(
             f"{source}: data md5 is {found}, the pipeline asked for {expected_md5}"

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from cellseg.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model_state
+from cellseg.checkpoint import atomic_save, load_checkpoint, load_model_state
 from cellseg.config import TrainConfig, config_to_dict
 from cellseg.dataset import CellDataset, worker_init
 from cellseg.distributed import World, all_reduce_sum, broadcast_flag, init_world, shutdown
@@ -390,6 +390,3 @@ def native_size(data: Path) -> list[int]:
 def _scaling(ckpt: dict) -> float | None:
     lora = ckpt.get("lora")
     return lora_scaling(lora["rank"], lora["alpha"]) if lora else None
-
-
-__all__ = ["CheckpointError", "EarlyStopping", "TrainingError", "train"]

@@ -150,3 +150,34 @@ def test_two_process_gloo_ddp_equals_one_process_on_the_same_global_batch(datase
         close += int((diff <= 1e-5 + 1e-4 * two[key].abs()).sum())
         total += diff.numel()
     assert close / total > 0.999
+
+
+@pytest.mark.integration
+def test_a_killed_ddp_worker_fails_the_run_and_a_restart_resumes_and_finishes(dataset, tmp_path):
+    """As a PyTorchJob pod evicted mid-run: torchrun stops, the retried step resumes."""
+    import psutil
+
+    out = tmp_path / "ddp"
+    request = TrainRequest(
+        1, "local", overrides=[*TINY, "epochs=4", "limit_train_images=6"], gpus_per_node=2
+    )
+    cmd = training_command(request, dataset, out, None, None)
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = out / "latest_phase1.pt"
+    deadline = time.monotonic() + 180
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    workers = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "cellseg" in " ".join(p.cmdline())
+    ]
+    assert len(workers) == 2, "expected two training processes under torchrun"
+    workers[-1].kill()  # one rank dies
+    assert proc.wait(timeout=120) != 0  # the whole run stops
+    assert load_checkpoint(latest)["epoch"] < 4
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    assert load_checkpoint(latest)["epoch"] == 4

@@ -40,14 +40,14 @@ compile: setup ## Compile the pipeline to pipelines/cellseg_pipeline.yaml (IMAGE
 
 pipeline-run: setup ## The whole pipeline: locally (kfp.local, CPU) or, with KFP_HOST, on the cluster
 ifdef KFP_HOST
-	$(BIN)/python -m pipelines.submit run
+	IMAGE="$${IMAGE:-$(IMAGE_REF)}" $(BIN)/python -m pipelines.submit run
 else
 	$(MAKE) --no-print-directory data
 	$(BIN)/python -m pipelines.run_local --source data/BCCD --pipeline-root $(OUT)/kfp
 endif
 
 schedule: setup ## Weekly retraining on KFP_HOST: CRON="0 0 3 * * 1" (6 fields, seconds first)
-	$(BIN)/python -m pipelines.submit schedule --cron "$(CRON)"
+	IMAGE="$${IMAGE:-$(IMAGE_REF)}" $(BIN)/python -m pipelines.submit schedule --cron "$(CRON)"
 
 unschedule: setup ## Remove the scheduled retraining from KFP_HOST
 	$(BIN)/python -m pipelines.submit unschedule

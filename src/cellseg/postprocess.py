@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 
@@ -40,8 +39,19 @@ class Instances:
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
-    lo, hi = float(x.min()), float(x.max())
-    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    """Min-max scaling to [0, 1] (float32)."""
+    return cv2.normalize(x.astype(np.float32), None, 0.0, 1.0, cv2.NORM_MINMAX)
+
+
+def _components(mask: np.ndarray, min_area: int) -> np.ndarray:
+    """4-connected components of ``mask`` (int32 labels), those under ``min_area`` removed."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(
+        mask.astype(np.uint8), connectivity=4, ltype=cv2.CV_32S
+    )
+    small = stats[:, cv2.CC_STAT_AREA] < min_area
+    small[0] = False
+    labels[small[labels]] = 0
+    return labels
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -65,16 +75,17 @@ def watershed_instances(
     np_prob: np.ndarray, hv: np.ndarray, params: PostprocessParams = PostprocessParams()
 ) -> np.ndarray:
     """Instance labels (int32, 1..n) from the cell probability (H, W) and HV maps (2, H, W)."""
-    fg = np_prob >= params.np_threshold
-    fg = _remove_small(ndi.label(fg)[0], params.min_instance_area) > 0
+    fg = _components(np_prob >= params.np_threshold, params.min_instance_area) > 0
     if not fg.any():
         return np.zeros(np_prob.shape, np.int32)
-    h_dir = _normalise(hv[0].astype(np.float32))
-    v_dir = _normalise(hv[1].astype(np.float32))
-    sobel_h = 1 - _normalise(cv2.Sobel(h_dir, cv2.CV_32F, 1, 0, ksize=params.sobel_ksize))
-    sobel_v = 1 - _normalise(cv2.Sobel(v_dir, cv2.CV_32F, 0, 1, ksize=params.sobel_ksize))
+    sobel_h = 1 - _normalise(
+        cv2.Sobel(_normalise(hv[0]), cv2.CV_32F, 1, 0, ksize=params.sobel_ksize)
+    )
+    sobel_v = 1 - _normalise(
+        cv2.Sobel(_normalise(hv[1]), cv2.CV_32F, 0, 1, ksize=params.sobel_ksize)
+    )
     boundary = np.maximum(sobel_h, sobel_v)
-    boundary = np.clip(boundary - (~fg), 0, None)
+    boundary[~fg] = 0
     distance = -cv2.GaussianBlur(((1.0 - boundary) * fg).astype(np.float64), (3, 3), 0)
     markers = fg & (boundary < params.boundary_threshold)
     markers = fill_holes(markers)
@@ -83,7 +94,7 @@ def watershed_instances(
         cv2.MORPH_OPEN,
         cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)),
     )
-    markers = _remove_small(ndi.label(markers)[0], params.min_marker_area)
+    markers = _components(markers, params.min_marker_area)
     labels = watershed(distance, markers=markers, mask=fg)
     labels = _remove_small(labels, params.min_instance_area)
     # consecutive ids 1..n

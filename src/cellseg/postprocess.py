@@ -71,10 +71,43 @@ def _remove_small(labels: np.ndarray, min_area: int) -> np.ndarray:
     return labels
 
 
+def grow_markers(distance: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``skimage.segmentation.watershed(distance, markers, mask=mask)``, about 3x faster.
+
+    A marker pixel whose four neighbours carry the same marker can never change and never
+    reaches an unlabelled pixel, so it stays out of the flooding: only each marker's outer ring
+    enters the priority queue. The result is the same labelling (checked in the tests).
+    """
+    c = markers[1:-1, 1:-1]
+    interior = np.zeros(markers.shape, bool)
+    interior[1:-1, 1:-1] = (
+        (c > 0)
+        & (markers[:-2, 1:-1] == c)
+        & (markers[2:, 1:-1] == c)
+        & (markers[1:-1, :-2] == c)
+        & (markers[1:-1, 2:] == c)
+    )
+    labels = watershed(distance, markers=np.where(interior, 0, markers), mask=mask & ~interior)
+    labels[interior] = markers[interior]
+    return labels
+
+
+def plain_watershed(distance: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The reference :func:`grow_markers` is measured against (``make bench``)."""
+    return watershed(distance, markers=markers, mask=mask)
+
+
 def watershed_instances(
-    np_prob: np.ndarray, hv: np.ndarray, params: PostprocessParams = PostprocessParams()
+    np_prob: np.ndarray,
+    hv: np.ndarray,
+    params: PostprocessParams = PostprocessParams(),
+    grow=grow_markers,
 ) -> np.ndarray:
-    """Instance labels (int32, 1..n) from the cell probability (H, W) and HV maps (2, H, W)."""
+    """Instance labels (int32, 1..n) from the cell probability (H, W) and HV maps (2, H, W).
+
+    Args:
+        grow: the watershed (:func:`grow_markers`; :func:`plain_watershed` for reference).
+    """
     fg = _components(np_prob >= params.np_threshold, params.min_instance_area) > 0
     if not fg.any():
         return np.zeros(np_prob.shape, np.int32)
@@ -95,7 +128,7 @@ def watershed_instances(
         cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)),
     )
     markers = _components(markers, params.min_marker_area)
-    labels = watershed(distance, markers=markers, mask=fg)
+    labels = grow(distance, markers, fg)
     labels = _remove_small(labels, params.min_instance_area)
     # consecutive ids 1..n
     ids = np.flatnonzero(np.bincount(labels.ravel()))

@@ -82,3 +82,18 @@ def test_fill_holes_matches_scipy():
     mask[10:20, 10:20] = True
     mask[13:17, 13:17] = False  # a hole
     assert np.array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
+
+
+def test_growing_markers_equals_the_plain_scikit_image_watershed():
+    from scipy import ndimage as ndi
+    from skimage.segmentation import watershed
+
+    from cellseg.postprocess import grow_markers
+
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        distance = ndi.gaussian_filter(rng.random((90, 120)), 3)
+        mask = distance > np.percentile(distance, 35)
+        markers = ndi.label(distance > np.percentile(distance, 85))[0]
+        expected = watershed(distance, markers=markers, mask=mask)
+        assert np.array_equal(grow_markers(distance, markers, mask), expected)

@@ -121,7 +121,8 @@ def bench_postprocess(data: Path, n: int = 20) -> list[Row]:
     for stem in split_files(data, "test", n):
         s = load_sample(data, stem)
         np_prob = (s["instance"] > 0).astype(np.float32)
-        nc = np.eye(4, dtype=np.float32)[s["classes"]].transpose(2, 0, 1)
+        # (4, H, W) contiguous, as the network's softmax arrives
+        nc = np.ascontiguousarray(np.eye(4, dtype=np.float32)[s["classes"]].transpose(2, 0, 1))
         cases.append((np_prob, hv_maps(s["instance"]), nc))
 
     def run(grow, classify) -> float:

@@ -27,3 +27,13 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as npz:
         return {name: npz[name] for name in npz.files}
+
+
+def load_sample(root: Path, stem: str) -> dict[str, np.ndarray]:
+    """One image of a converted dataset: ``image`` (H, W, 3) uint8, ``instance``, ``classes``,
+    ``ignore``."""
+    from PIL import Image
+
+    with Image.open(Path(root) / "images" / f"{stem}.jpg") as im:
+        image = np.asarray(im.convert("RGB"))
+    return {"image": image, **load_arrays(Path(root) / "targets" / f"{stem}.npz")}

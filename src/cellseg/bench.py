@@ -105,7 +105,8 @@ def bench_postprocess(data: Path, n: int = 20) -> list[Row]:
     import numpy as np
     import torch
 
-    from cellseg.dataset import load_sample, split_files
+    from cellseg.arrays import load_sample
+    from cellseg.dataset import split_files
     from cellseg.postprocess import (
         classify_instances,
         classify_instances_reference,

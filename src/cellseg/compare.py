@@ -12,13 +12,17 @@ KEY_METRICS = ("test_pq", "test_f1", "test_box_map50", "test_mask_map50")
 
 def pipeline_runs(client, experiment_id: str, n: int) -> list[dict]:
     """The newest ``n`` pipeline runs: id, start, params of Phase 1/2, evaluation metrics."""
-    runs = client.search_runs(
-        [experiment_id], filter_string="", order_by=["attributes.start_time DESC"], max_results=2000
+    parents = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{tracking.PARENT_TAG}` LIKE '%'",  # only pipeline parents
+        order_by=["attributes.start_time DESC"],
+        max_results=n,
     )
-    parents = [r for r in runs if tracking.PARENT_TAG in r.data.tags][:n]
     rows = []
     for parent in parents:
-        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        children = client.search_runs(
+            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+        )
         params, metrics = {}, {}
         for child in children:
             step = child.data.tags.get(tracking.STEP_TAG, "")

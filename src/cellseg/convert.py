@@ -26,7 +26,7 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from cellseg import coco
-from cellseg.arrays import save_arrays
+from cellseg.arrays import load_sample, save_arrays
 from cellseg.atomic import staged_dir
 from cellseg.data_source import voc_md5
 from cellseg.overlay import draw_overlay
@@ -124,11 +124,8 @@ def _convert_star(job: tuple) -> ImageResult:
 
 
 def write_preview(work: Path, stem: str) -> None:
-    from cellseg.arrays import load_arrays
-
-    image = np.asarray(Image.open(work / "images" / f"{stem}.jpg").convert("RGB"))
-    t = load_arrays(work / "targets" / f"{stem}.npz")
-    overlay = draw_overlay(image, t["instance"], t["classes"], t["ignore"])
+    s = load_sample(work, stem)
+    overlay = draw_overlay(s["image"], s["instance"], s["classes"], s["ignore"])
     Image.fromarray(overlay).save(work / "preview" / f"{stem}.png", optimize=True)
 
 

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import yaml
 
-from cellseg.atomic import write_text
-
 BCCD_COMMIT = "d272fb1"
 BCCD_ARCHIVE_URL = f"https://github.com/Shenggan/BCCD_Dataset/archive/{BCCD_COMMIT}.tar.gz"
 VOC_PARTS = ("Annotations", "JPEGImages", "ImageSets/Main")
@@ -86,11 +84,6 @@ def read_md5sums(path: Path, prefix: str) -> dict[str, str]:
     return sums
 
 
-def write_md5sums(path: Path, checksums: dict[str, str], prefix: str) -> None:
-    lines = [f"{checksums[rel]}  {prefix.rstrip('/')}/{rel}\n" for rel in sorted(checksums)]
-    write_text(path, "".join(lines))
-
-
 def verify(
     root: Path, pointer: DvcPointer, expected: dict[str, str], shown_as: str | None = None
 ) -> None:
@@ -100,7 +93,10 @@ def verify(
         shown_as: how to name ``root`` in messages (e.g. the mirror a staging copy came from).
     """
     if dvc_dir_md5(expected) != pointer.md5:
-        raise DataError("data.md5sums does not match data.dvc: regenerate both with `dvc add`")
+        raise DataError(
+            "data.md5sums does not match data.dvc: regenerate it with "
+            "`find data/BCCD -type f | sort | xargs md5sum > data.md5sums`"
+        )
     if not root.is_dir():
         raise DataError(f"{root}: missing (run `make data`)")
     actual = file_checksums(root)

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from cellseg.arrays import load_arrays
+from cellseg.arrays import load_sample
 from cellseg.augment import build_transform
 from cellseg.targets import hv_maps
 
@@ -19,13 +18,6 @@ def split_files(root: Path, split: str, limit: int = 0) -> list[str]:
     manifest = json.loads((Path(root) / "manifest.json").read_text())
     files = manifest["splits"][split]["files"]
     return files[:limit] if limit else files
-
-
-def load_sample(root: Path, stem: str) -> dict[str, np.ndarray]:
-    """Raw arrays of one image: ``image`` (H, W, 3) uint8, ``instance``, ``classes``, ``ignore``."""
-    with Image.open(Path(root) / "images" / f"{stem}.jpg") as im:
-        image = np.asarray(im.convert("RGB"))
-    return {"image": image, **load_arrays(Path(root) / "targets" / f"{stem}.npz")}
 
 
 def to_tensors(image: np.ndarray, instance: np.ndarray, classes: np.ndarray, ignore: np.ndarray):

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cellseg.arrays import load_sample
 from cellseg.atomic import staged_dir
 from cellseg.coco import encode_rle
-from cellseg.dataset import load_sample
 from cellseg.metrics import (
     MatchStats,
     SemanticStats,

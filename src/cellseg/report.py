@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cellseg.dataset import load_sample
+from cellseg.arrays import load_sample
 from cellseg.overlay import draw_overlay
 from cellseg.voc import CLASS_NAMES
 

@@ -61,29 +61,29 @@ class TrainRequest:
         return [*extra, *map(str, self.overrides)]
 
 
-def training_command(
+def train_args(
     request: TrainRequest, data: Path, out: Path, init: Path | None, mlflow_run: str | None
 ) -> list[str]:
-    """``cellseg train`` (under torchrun for several processes): the same code path either way."""
-    args = ["train", "--phase", str(request.phase), "--data", str(data), "--out", str(out)]
+    """The arguments of ``cellseg train`` for one phase."""
+    args = ["--phase", str(request.phase), "--data", str(data), "--out", str(out)]
     args += ["--profile", request.profile]
     args += [a for o in request.config_overrides() for a in ("--set", o)]
     if init is not None:
         args += ["--init", str(init)]
     if mlflow_run:
         args += ["--mlflow-run", mlflow_run]
+    return args
+
+
+def training_command(
+    request: TrainRequest, data: Path, out: Path, init: Path | None, mlflow_run: str | None
+) -> list[str]:
+    """``cellseg train`` here, under torchrun for several processes: the same code path."""
+    train = ["-m", "cellseg.cli", "train", *train_args(request, data, out, init, mlflow_run)]
     if request.gpus_per_node > 1:
-        launcher = ["--standalone", f"--nproc_per_node={request.gpus_per_node}"]
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            *launcher,
-            "-m",
-            "cellseg.cli",
-            *args,
-        ]
-    return [sys.executable, "-m", "cellseg.cli", *args]
+        launcher = ["-m", "torch.distributed.run", "--standalone"]
+        return [sys.executable, *launcher, f"--nproc_per_node={request.gpus_per_node}", *train]
+    return [sys.executable, *train]
 
 
 def in_cluster() -> bool:
@@ -147,12 +147,10 @@ def run_on_cluster(
 ) -> None:
     from cellseg.launch import JobSpec, job_name, run_pytorchjob
 
-    args = training_command(request, data, work, init, mlflow_run)
-    train_args = args[args.index("train") + 1 :]
     spec = JobSpec(
         name=job_name(pipeline_run_id, request.phase),
         image=request.image,
-        train_args=tuple(train_args),
+        train_args=tuple(train_args(request, data, work, init, mlflow_run)),
         namespace=pod_namespace(),
         nodes=request.num_nodes,
         gpus_per_node=request.gpus_per_node,
@@ -201,7 +199,8 @@ def register_step(
     force: bool,
 ) -> dict:
     """Register the model as ``challenger`` and return the promotion decision."""
-    from cellseg.dataset import load_sample, split_files
+    from cellseg.arrays import load_sample
+    from cellseg.dataset import split_files
     from cellseg.model_store import find_checkpoint
     from cellseg.registry import register
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cellseg.dataset import load_sample
+from cellseg.arrays import load_sample
 from cellseg.evaluate import evaluate_predictor, instance_classes
 from cellseg.inference import Predictor
 from cellseg.postprocess import Instances

@@ -89,8 +89,13 @@ def test_only_conversion_is_cached(committed):
 def test_promotion_runs_under_the_gate(committed):
     pipeline, _ = committed
     condition = pipeline["root"]["dag"]["tasks"]["condition-1"]
-    assert "promotion" in condition["componentRef"]["name"] or condition["triggerPolicy"]
-    assert "Output" in condition["triggerPolicy"]["condition"]
+    assert condition["taskInfo"]["name"] == "promotion-gate"
+    assert condition["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--register-Output'] == true"
+    )
+    gated = pipeline["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(gated) == ["promote"]
+    assert "promote" not in pipeline["root"]["dag"]["tasks"]  # never outside the gate
 
 
 def test_every_pipeline_parameter_is_documented_in_the_readme(committed):

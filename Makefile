@@ -10,7 +10,7 @@ OUT ?= out
 PREVIEW ?= 4
 
 .PHONY: help setup data convert test lint format bench lock compile pipeline-run schedule \
-	unschedule compare mlflow-ui images deploy clean
+	unschedule compare serve mlflow-ui images deploy clean
 
 CRON ?= 0 0 3 * * 1
 REGISTRY ?= registry.example.com/cellseg
@@ -54,6 +54,12 @@ unschedule: setup ## Remove the scheduled retraining from KFP_HOST
 
 compare: setup ## Compare the last pipeline runs and registry versions (RUNS=A,B: two side by side)
 	$(BIN)/cellseg compare $(if $(RUNS),--runs $(RUNS))
+
+MODEL ?= models:/cellseg@champion
+SERVE_PORT ?= 5001
+serve: setup ## Serve MODEL (default: the champion) over HTTP on 127.0.0.1:$(SERVE_PORT)
+	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" \
+		$(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
 mlflow-ui: setup ## Serve the embedded MLflow store on http://127.0.0.1:5000 (MLFLOW_PORT=...)
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \

@@ -1,8 +1,9 @@
-"""KFP components: one folder per pipeline step, each a thin wrapper around ``cellseg.steps``.
+"""KFP components: one folder per pipeline step, each a thin wrapper around ``cellseg.ops.steps``.
 
-Only the standard library and kfp are imported at module level; a component body imports
-``cellseg`` when it runs, inside the project image.
+A component body imports ``cellseg`` when it runs, inside the project image; at module level
+only kfp and the cluster settings (no torch) are imported.
 """
 
-# The project image; `make compile IMAGE=...` (or pipelines.compile --image) replaces it.
-IMAGE = "cellseg-kfp:0.1.0"
+from cellseg.ops.cluster import IMAGE
+
+__all__ = ["IMAGE"]

@@ -9,27 +9,19 @@ retraining run must retrain).
 
 from kfp import dsl, kubernetes
 
-from components import IMAGE
+from cellseg.ops import cluster
 from components.convert.component import convert
 from components.data_version.component import data_version
 from components.evaluate.component import evaluate
 from components.promote.component import promote
 from components.register.component import register
-from components.train_phase1.component import train_phase1
-from components.train_phase2.component import train_phase2
+from components.train.component import train
 
 PIPELINE_NAME = "cellseg"
-ACCELERATOR = "nvidia.com/gpu"
-GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
-GPU_TOLERATIONS = [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
-GPU_STEPS = ("evaluate",)
-TRAINING_STEPS = ("train-phase1", "train-phase2")  # launchers: the PyTorchJob pods get the GPUs
-CPU_STEPS = ("data-version", "convert", *TRAINING_STEPS, "register", "promote")
-DATASETS_PVC, CHECKPOINTS_PVC = "cellseg-datasets", "cellseg-checkpoints"
 
 
 def on_gpu(task: dsl.PipelineTask, gpus, node_selector, tolerations) -> dsl.PipelineTask:
-    task.set_accelerator_type(ACCELERATOR).set_accelerator_limit(gpus)
+    task.set_accelerator_type(cluster.ACCELERATOR).set_accelerator_limit(gpus)
     task.set_cpu_request("4").set_memory_request("32G").set_memory_limit("64G")
     kubernetes.add_node_selector_json(task, node_selector)
     kubernetes.add_toleration_json(task, tolerations)
@@ -42,19 +34,20 @@ def on_cpu(task: dsl.PipelineTask, cpu: str = "1", memory: str = "4G") -> dsl.Pi
 
 @dsl.pipeline(name=PIPELINE_NAME, description="BCCD blood-cell instance segmentation: UNI + HoVer")
 def cellseg_pipeline(
-    source: str = "/mnt/datasets/BCCD",
+    source: str = f"{cluster.DATASETS_MOUNT}/BCCD",
     data_md5: str = "",  # "" = whatever revision is at source (scheduled retraining)
     profile: str = "uni-gpu",
     epochs: int = 0,
-    lora_rank: int = 0,
+    lora_rank: int = 0,  # 0: the profile's
+    lora_alpha: float = 0.0,  # 0: the profile's; the adapter scale is alpha / rank
     overrides: list = [],  # noqa: B006 (a KFP parameter default, never mutated)
     gpus_per_node: int = 1,
     num_nodes: int = 1,
-    node_selector: dict = GPU_NODE_SELECTOR,
-    tolerations: list = GPU_TOLERATIONS,
-    checkpoint_root: str = "/mnt/checkpoints",
-    mlflow_uri: str = "http://mlflow.cellseg.svc.cluster.local:5000",
-    image: str = IMAGE,
+    node_selector: dict = cluster.GPU_NODE_SELECTOR,
+    tolerations: list = list(cluster.GPU_TOLERATIONS),  # noqa: B006 (never mutated)
+    checkpoint_root: str = cluster.CHECKPOINTS_MOUNT,
+    mlflow_uri: str = cluster.MLFLOW_URI,
+    image: str = cluster.IMAGE,
     train_timeout_hours: float = 72.0,
     run_tags: dict = {},  # noqa: B006
     promotion_tolerance: float = 0.02,
@@ -65,10 +58,14 @@ def cellseg_pipeline(
     data = on_cpu(convert(source=source, data_md5=version.output), "2", "8G")
     data.set_caching_options(True)  # keyed on the data md5: new data, new conversion
     for task in (version, data):
-        kubernetes.mount_pvc(task, pvc_name=DATASETS_PVC, mount_path="/mnt/datasets")
+        kubernetes.mount_pvc(task, pvc_name=cluster.DATASETS_PVC, mount_path=cluster.DATASETS_MOUNT)
     dataset = data.outputs["dataset"]
     common = dict(
+        dataset=dataset,
         profile=profile,
+        epochs=epochs,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
         overrides=overrides,
         gpus_per_node=gpus_per_node,
         num_nodes=num_nodes,
@@ -81,14 +78,9 @@ def cellseg_pipeline(
         tolerations=tolerations,
         timeout_hours=train_timeout_hours,
     )
-    phase1 = train_phase1(dataset=dataset, epochs=epochs, **common)
-    phase2 = train_phase2(
-        dataset=dataset,
-        phase1=phase1.outputs["model"],
-        epochs=epochs,
-        lora_rank=lora_rank,
-        **common,
-    )
+    phase1 = train(phase=1, **common).set_display_name("train-phase1")
+    phase2 = train(phase=2, init_model=phase1.outputs["model"], **common)
+    phase2.set_display_name("train-phase2")
     scores = evaluate(
         dataset=dataset,
         model=phase2.outputs["model"],
@@ -98,7 +90,9 @@ def cellseg_pipeline(
     )
     for task in (phase1, phase2):
         on_cpu(task).set_caching_options(False)
-        kubernetes.mount_pvc(task, pvc_name=CHECKPOINTS_PVC, mount_path="/mnt/checkpoints")
+        kubernetes.mount_pvc(
+            task, pvc_name=cluster.CHECKPOINTS_PVC, mount_path=cluster.CHECKPOINTS_MOUNT
+        )
     on_gpu(scores, gpus_per_node, node_selector, tolerations).set_caching_options(False)
     gate = on_cpu(
         register(

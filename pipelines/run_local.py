@@ -10,8 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from cellseg.steps import data_version_step
-from cellseg.tracking import default_tracking_uri
+from cellseg.ops.steps import data_version_step
+from cellseg.ops.tracking import default_tracking_uri
 from pipelines.cellseg_pipeline import cellseg_pipeline
 
 

@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from cellseg.data_source import read_dvc_pointer
-from components import IMAGE
+from cellseg.data.source import read_dvc_pointer
+from cellseg.ops.cluster import IMAGE
 from pipelines.cellseg_pipeline import PIPELINE_NAME
 from pipelines.compile import compile_pipeline
 
@@ -59,11 +59,19 @@ def upload_version(client, spec: Path, version_name: str) -> tuple[str, str]:
     return pipeline_id, version.pipeline_version_id
 
 
-def run_params(data_md5: str, image: str, extra: dict) -> dict:
-    tags = {"cellseg.git_commit": git_commit(), "cellseg.image": image}
+def run_params(data_md5: str, image: str, profile: str, extra: dict | None = None) -> dict:
+    """The pipeline's parameters, with the MLflow tags a local run carries too, so `make
+    compare` groups cluster and local runs alike."""
+    tags = {"cellseg.git_commit": git_commit(), "cellseg.image": image, "cellseg.profile": profile}
     if data_md5:
         tags["cellseg.data_md5"] = data_md5
-    return {"data_md5": data_md5, "run_tags": tags, "image": image, **extra}
+    return {
+        "data_md5": data_md5,
+        "run_tags": tags,
+        "image": image,
+        "profile": profile,
+        **(extra or {}),
+    }
 
 
 def submit_run(
@@ -144,13 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         spec = compile_pipeline(Path(tmp) / "cellseg_pipeline.yaml", image)
         if args.action == "run":
-            params = run_params(
-                read_dvc_pointer(Path("data.dvc")).md5, image, {"profile": args.profile}
-            )
+            params = run_params(read_dvc_pointer(Path("data.dvc")).md5, image, args.profile)
             print(f"run: {submit_run(client, host, spec, version_name, params, namespace)}")
         elif args.action == "schedule":
             # data_md5 "" = whatever revision is on the volume when the run starts
-            params = run_params("", image, {"profile": args.profile})
+            params = run_params("", image, args.profile)
             job = schedule(client, spec, version_name, args.cron, params, namespace)
             print(f"scheduled {RECURRING_RUN} ({args.cron}): {job}")
         else:

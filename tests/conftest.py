@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cellseg.config import load_config
-from cellseg.convert import convert_dataset
-from cellseg.train import train
+from cellseg.data.convert import convert_dataset
+from cellseg.training.config import load_config
+from cellseg.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,6 +12,6 @@ def convert(source: str, data_md5: str, dataset: Output[Dataset]):
     """
     from pathlib import Path
 
-    from cellseg.steps import convert_step
+    from cellseg.ops.steps import convert_step
 
     dataset.metadata.update(convert_step(source, data_md5, Path(dataset.path)))

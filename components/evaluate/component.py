@@ -18,7 +18,7 @@ def evaluate(
     """Test-split metrics, report, figures and overlays (cellseg evaluate)."""
     from pathlib import Path
 
-    from cellseg.steps import evaluate_step, flat_metrics
+    from cellseg.ops.steps import evaluate_step, flat_metrics
 
     result = evaluate_step(
         Path(dataset.path),

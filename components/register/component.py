@@ -19,7 +19,7 @@ def register(
     """Register the model in MLflow as ``challenger``; returns whether it should be champion."""
     from pathlib import Path
 
-    from cellseg.steps import register_step
+    from cellseg.ops.steps import register_step
 
     result = register_step(
         Path(model.path),

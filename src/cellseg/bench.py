@@ -19,7 +19,7 @@ H100_BF16_DENSE_FLOPS = 989e12
 
 
 def bench_conversion(source: Path, out: Path) -> list[Row]:
-    from cellseg.convert import convert_dataset
+    from cellseg.data.convert import convert_dataset
 
     rows, timings = [], {}
     for workers in sorted({1, os.cpu_count() or 1}):
@@ -41,19 +41,18 @@ def bench_conversion(source: Path, out: Path) -> list[Row]:
     return rows
 
 
-def _train_step_throughput(model, optimizer, batches, steps: int) -> float:
-    """Images/s of forward + loss + backward + step over ``batches`` (an iterator)."""
+def _train_step_throughput(model, optimizer, batches, config, device, steps: int) -> float:
+    """Images/s of the training step (the loop's ``forward_loss``, backward, optimizer step)
+    over ``batches`` (an iterator)."""
     import torch
 
-    from cellseg.losses import hovernet_loss
+    from cellseg.training.loop import forward_loss
 
     def step(batch):
-        out = model(batch["image"])
-        loss = hovernet_loss(out, batch["np"], batch["hv"], batch["nc"], batch["ignore"])["total"]
-        loss.backward()
+        forward_loss(model, batch, config, device)["total"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if torch.cuda.is_available():
+        if device.type == "cuda":
             torch.cuda.synchronize()
 
     step(next(batches))  # warm-up
@@ -65,33 +64,40 @@ def _train_step_throughput(model, optimizer, batches, steps: int) -> float:
     return images / (time.perf_counter() - start)
 
 
+def _bench_setup(
+    profile: str, phase: int, data: Path, overrides: list[str] = (), freeze_backbone=False
+):
+    """The loop's own model, optimizer and loader for ``profile`` on one process."""
+    import torch
+
+    from cellseg.training.config import load_config
+    from cellseg.training.dataset import CellDataset
+    from cellseg.training.distributed import World, resolve_device
+    from cellseg.training.loop import build_model, build_optimization, make_loader
+
+    config = load_config(profile, phase, overrides)
+    torch.manual_seed(0)
+    model, _ = build_model(config, phase)
+    if freeze_backbone:
+        model.backbone.requires_grad_(False)
+    world = World(0, 1, 0, resolve_device(config.device))
+    model.to(world.device)
+    dataset = CellDataset(data, "train", config.image_size, True, seed=0)
+    loader, _ = make_loader(dataset, world, config, True, 0)
+    optimizer, _ = build_optimization(model, phase, config, len(loader))
+    return config, model, optimizer, loader, world.device
+
+
 def bench_input_pipeline(data: Path, steps: int = 12) -> list[Row]:
     """The `local` profile's train step fed by the real DataLoader vs by tensors in memory."""
     import itertools
 
-    import torch
-    from torch.utils.data import DataLoader
-
-    from cellseg.config import load_config
-    from cellseg.dataset import CellDataset, worker_init
-    from cellseg.train import build_model
-
-    config = load_config("local", 1)
-    torch.manual_seed(0)
-    model, _ = build_model(config, 1)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    dataset = CellDataset(data, "train", config.image_size, True, seed=0)
-    loader = DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        shuffle=True,
-        num_workers=config.num_workers,
-        persistent_workers=config.num_workers > 0,
-        worker_init_fn=worker_init,
-    )
-    real = _train_step_throughput(model, optimizer, itertools.cycle(loader), steps)
+    config, model, optimizer, loader, device = _bench_setup("local", 1, data)
+    real = _train_step_throughput(model, optimizer, itertools.cycle(loader), config, device, steps)
     cached = [b for b, _ in zip(loader, range(4), strict=False)]
-    preloaded = _train_step_throughput(model, optimizer, itertools.cycle(cached), steps)
+    preloaded = _train_step_throughput(
+        model, optimizer, itertools.cycle(cached), config, device, steps
+    )
     return [
         ("train step, real loader (local profile)", f"{real:.2f} img/s"),
         ("train step, pre-loaded tensors", f"{preloaded:.2f} img/s"),
@@ -105,16 +111,16 @@ def bench_postprocess(data: Path, n: int = 20) -> list[Row]:
     import numpy as np
     import torch
 
-    from cellseg.arrays import load_sample
-    from cellseg.dataset import split_files
-    from cellseg.postprocess import (
+    from cellseg.data.arrays import load_sample
+    from cellseg.data.manifest import split_files
+    from cellseg.evaluation.postprocess import (
         classify_instances,
         classify_instances_reference,
         grow_markers,
         plain_watershed,
         watershed_instances,
     )
-    from cellseg.targets import hv_maps
+    from cellseg.training.targets import hv_maps
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)  # one core, as the goal says
@@ -147,30 +153,19 @@ def bench_evaluation(data: Path, work: Path) -> list[Row]:
     """Evaluating the 72 test images with a (random-init) local-profile model."""
     import torch
 
-    from cellseg.checkpoint import atomic_save
-    from cellseg.config import config_to_dict, load_config
-    from cellseg.evaluate import evaluate
-    from cellseg.train import build_model, native_size
+    from cellseg.evaluation.evaluate import evaluate
+    from cellseg.evaluation.inference import Predictor
+    from cellseg.model.checkpoint import save_checkpoint
+    from cellseg.training.config import load_config
+    from cellseg.training.loop import build_model, checkpoint_meta
 
     config = load_config("local", 1)
     model, _ = build_model(config, 1)
     ckpt = work / "random.pt"
-    atomic_save(
-        {
-            "model": model.state_dict(),
-            "model_name": config.backbone,
-            "epoch": 0,
-            "decoder_width": config.decoder_width,
-            "image_size": list(config.image_size),
-            "native_size": native_size(data),
-            "lora": None,
-            "config": config_to_dict(config),
-        },
-        ckpt,
-    )
+    save_checkpoint(ckpt, model, checkpoint_meta(model, 1, config, data), 0, float("inf"))
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
-    metrics = evaluate(data, str(ckpt), work / "eval", overlays=1)
+    metrics = evaluate(data, Predictor.from_checkpoint(ckpt), work / "eval", overlays=1)
     seconds = time.perf_counter() - start
     return [("evaluate test split", f"{metrics['images']} images in {seconds:.1f} s")]
 
@@ -179,59 +174,23 @@ def bench_gpu(data: Path, steps: int = 10) -> list[Row]:
     """Whole training steps of UNI-sized ViT-L/16 at 480x640, bf16, real loader; MFU on H100."""
     import itertools
 
-    import torch
-    from torch.utils.data import DataLoader
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cellseg.config import load_config
-    from cellseg.dataset import CellDataset
-    from cellseg.losses import hovernet_loss
-    from cellseg.train import build_model
+    from cellseg.training.loop import forward_loss
 
     rows = []
     for phase in (1, 2):
-        config = load_config("uni-gpu", phase, ["weights=null"])  # random init: same FLOPs
-        model, _ = build_model(config, phase)
-        if phase == 1:
-            model.backbone.requires_grad_(False)  # as with pretrained UNI
-        model.cuda()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
-        dataset = CellDataset(data, "train", config.image_size, True, seed=0)
-        loader = DataLoader(
-            dataset,
-            batch_size=config.batch_size,
-            shuffle=True,
-            num_workers=8,
-            pin_memory=True,
-            persistent_workers=True,
+        # random init has the same FLOPs; Phase 1 freezes the backbone as with pretrained UNI
+        config, model, optimizer, loader, device = _bench_setup(
+            "uni-gpu", phase, data, ["weights=null"], freeze_backbone=phase == 1
         )
-        batches = (
-            {k: v.cuda(non_blocking=True) for k, v in b.items()} for b in itertools.cycle(loader)
-        )
-
-        def step(batch, model=model, optimizer=optimizer):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(batch["image"])
-                loss = hovernet_loss(out, batch["np"], batch["hv"], batch["nc"], batch["ignore"])
-            loss["total"].backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        first = next(batches)
+        batches = itertools.cycle(loader)
         with FlopCounterMode(display=False) as counter:
-            step(first)
-        flops = counter.get_total_flops()
-        for _ in range(3):
-            step(next(batches))
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step(next(batches))
-        torch.cuda.synchronize()
-        per_step = (time.perf_counter() - start) / steps
-        ips = config.batch_size / per_step
-        mfu = flops / per_step / H100_BF16_DENSE_FLOPS
+            forward_loss(model, next(batches), config, device)["total"].backward()
+        optimizer.zero_grad(set_to_none=True)
+        flops_per_image = counter.get_total_flops() / config.batch_size
+        ips = _train_step_throughput(model, optimizer, batches, config, device, steps)
+        mfu = flops_per_image * ips / H100_BF16_DENSE_FLOPS
         goal = 0.43 if phase == 1 else 0.35
         rows.append(
             (

@@ -11,86 +11,71 @@ import os
 import sys
 from pathlib import Path
 
-
-class UserError(RuntimeError):
-    """An error the user can fix; printed as one line, exit code 2."""
+from cellseg.errors import CellsegError
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from cellseg.data_source import DataError, ensure_bccd
+    from cellseg.data.source import add_to_dvc_cache, ensure_bccd
 
     mirror = args.mirror or os.environ.get("BCCD_MIRROR") or None
-    try:
-        fetched = ensure_bccd(args.dvc_file, args.md5sums, mirror)
-    except DataError as err:
-        raise UserError(str(err)) from err
+    fetched = ensure_bccd(args.dvc_file, args.md5sums, mirror)
     print("BCCD fetched and verified" if fetched else "BCCD up to date (verified against data.dvc)")
+    if add_to_dvc_cache(args.dvc_file):
+        print("in the DVC cache: `dvc push` shares it, `dvc status` is clean")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from cellseg.convert import ConversionError, convert_dataset
+    from cellseg.data.convert import convert_dataset
 
-    try:
-        manifest = convert_dataset(
-            args.source, args.out, preview=args.preview, skip_bad=args.skip_bad
-        )
-    except ConversionError as err:
-        raise UserError(str(err)) from err
+    manifest = convert_dataset(args.source, args.out, preview=args.preview, skip_bad=args.skip_bad)
     counts = ", ".join(f"{s} {v['images']}" for s, v in manifest["splits"].items())
     print(f"converted {args.source} -> {args.out} ({counts} images)")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from cellseg.checkpoint import CheckpointError
-    from cellseg.config import ConfigError, load_config
-    from cellseg.train import TrainingError, train
+    from cellseg.training.config import load_config
+    from cellseg.training.loop import train
 
+    config = load_config(args.profile, args.phase, args.set)
     tracker = None
     if args.mlflow_run and os.environ.get("RANK", "0") == "0":  # rank 0 alone logs
-        from cellseg.tracking import Tracker, configure
+        from cellseg.ops.tracking import Tracker, configure
 
         configure()
         tracker = Tracker(args.mlflow_run)
-    try:
-        config = load_config(args.profile, args.phase, args.set)
-        state = train(args.phase, args.data, args.out, config, init=args.init, tracker=tracker)
-    except (ConfigError, TrainingError, CheckpointError) as err:
-        raise UserError(str(err)) from err
+    state = train(args.phase, args.data, args.out, config, init=args.init, tracker=tracker)
     if state.history:
         best = min(h["val_total"] for h in state.history)
         print(f"phase {args.phase}: {state.epoch} epoch(s), best val loss {best:.4f} -> {args.out}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from cellseg.checkpoint import CheckpointError
-    from cellseg.evaluate import evaluate
+    from cellseg.evaluation.evaluate import evaluate
+    from cellseg.ops.model_ref import load_predictor
 
-    try:
-        metrics = evaluate(args.data, args.model, args.out, args.split, args.device, args.limit)
-    except (CheckpointError, FileNotFoundError) as err:
-        raise UserError(str(err)) from err
+    predictor = load_predictor(args.model, args.device)
+    metrics = evaluate(
+        args.data, predictor, args.out, args.split, args.limit, model_name=args.model
+    )
     keys = ("box_map50", "mask_map50", "mask_map", "pq", "f1", "aji")
     print(" ".join(f"{k}={metrics[k]:.3f}" for k in keys) + f" -> {args.out}/report.md")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from cellseg.checkpoint import CheckpointError
-    from cellseg.predict import predict
+    from cellseg.evaluation.predict import predict
+    from cellseg.ops.model_ref import load_predictor
 
-    try:
-        failures = predict(args.inputs, args.model, args.out, args.device)
-    except (CheckpointError, FileNotFoundError) as err:
-        raise UserError(str(err)) from err
+    failures = predict(args.inputs, load_predictor(args.model, args.device), args.out)
     if failures:
-        raise UserError(f"{failures} file(s) failed (see above); the others are in {args.out}")
+        raise CellsegError(f"{failures} file(s) failed (see above); the others are in {args.out}")
     print(f"predictions -> {args.out} (results.json, counts.csv, overlays/)")
 
 
 def cmd_register(args: argparse.Namespace) -> None:
     import json
 
-    from cellseg.registry import promote
-    from cellseg.steps import register_step
+    from cellseg.ops.registry import promote
+    from cellseg.ops.steps import register_step
 
     result = register_step(
         args.model, args.metrics, args.data, args.pipeline_run, {}, None, args.tolerance, args.force
@@ -101,45 +86,42 @@ def cmd_register(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from cellseg.compare import compare
+    from cellseg.ops.compare import compare
 
     runs = args.runs.split(",") if args.runs else None
     if runs is not None and len(runs) != 2:
-        raise UserError("--runs takes two runs: A,B")
-    try:
-        print(compare(args.last, runs, args.png))
-    except ValueError as err:
-        raise UserError(str(err)) from err
+        raise CellsegError("--runs takes two runs: A,B")
+    print(compare(args.last, runs, args.png))
     if not runs:
         print(f"\nhistory plot: {args.png}")
+
+
+def tolerations_from(specs: list[str]) -> tuple[dict, ...]:
+    """``KEY[:EFFECT]`` -> tolerations that accept any value of the taint ``KEY``."""
+    return tuple(
+        {"key": key, "operator": "Exists", "effect": effect or "NoSchedule"}
+        for key, _, effect in (t.partition(":") for t in specs)
+    )
 
 
 def cmd_launch(args: argparse.Namespace) -> None:
     import yaml
 
-    from cellseg.launch import JobSpec, build_pytorchjob, job_name, run_pytorchjob
+    from cellseg.ops.launch import JobSpec, build_pytorchjob, job_name, run_pytorchjob
+    from cellseg.ops.steps import TrainRequest, train_args
 
-    train_args = ["--phase", str(args.phase), "--data", args.data, "--out", args.out]
-    train_args += ["--profile", args.profile] + [a for o in args.set for a in ("--set", o)]
-    tolerations = [
-        {
-            "key": t.partition(":")[0],
-            "operator": "Exists",
-            "effect": t.partition(":")[2] or "NoSchedule",
-        }
-        for t in args.toleration
-    ]
-    selector = dict(kv.split("=", 1) for kv in args.node_selector)
+    request = TrainRequest(phase=args.phase, profile=args.profile, overrides=tuple(args.set))
     spec = JobSpec(
         name=args.name or job_name(args.pipeline_run, args.phase),
         image=args.image,
-        train_args=tuple(train_args),
+        train_args=tuple(train_args(request, args.data, args.out, args.init, None)),
         namespace=args.namespace,
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
-        node_selector=selector,
-        tolerations=tuple(tolerations),
+        node_selector=dict(kv.split("=", 1) for kv in args.node_selector),
+        tolerations=tolerations_from(args.toleration),
         mlflow_uri=os.environ.get("MLFLOW_TRACKING_URI", ""),
+        timeout_seconds=int(args.timeout_hours * 3600),
     )
     if args.dry_run:
         print(yaml.safe_dump(build_pytorchjob(spec), sort_keys=False), end="")
@@ -150,13 +132,10 @@ def cmd_launch(args: argparse.Namespace) -> None:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    run_pytorchjob(spec, args.timeout_hours * 3600, client.ApiClient())
+    run_pytorchjob(spec, client.ApiClient())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cellseg", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="obtain raw BCCD into data/BCCD and verify it (data.dvc)")
     data.add_argument("--mirror", help="local directory or archive (default: $BCCD_MIRROR)")
     data.add_argument("--dvc-file", type=Path, default=Path("data.dvc"))
@@ -170,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--skip-bad", action="store_true", help="skip bad files, count them")
     convert.set_defaults(handler=cmd_convert)
 
+
+def add_model_commands(sub) -> None:
     train = sub.add_parser("train", help="train Phase 1 (decoder) or Phase 2 (LoRA)")
     train.add_argument("--phase", type=int, choices=(1, 2), required=True)
     train.add_argument("--data", type=Path, required=True, help="converted dataset directory")
@@ -198,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="cpu")
     predict.set_defaults(handler=cmd_predict)
 
+
+def add_ops_commands(sub) -> None:
+    from cellseg.ops import cluster  # constants only
+
     register = sub.add_parser("register", help="register a model in MLflow (challenger + gate)")
     register.add_argument("--model", type=Path, required=True, help="checkpoint or folder")
     register.add_argument("--metrics", type=Path, required=True, help="metrics.json of evaluate")
@@ -210,14 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     launch = sub.add_parser("launch", help="train as a PyTorchJob (--dry-run prints its YAML)")
     launch.add_argument("--dry-run", action="store_true", help="print the manifest, submit nothing")
     launch.add_argument("--phase", type=int, choices=(1, 2), default=1)
-    launch.add_argument("--data", default="/mnt/checkpoints/manual/dataset")
-    launch.add_argument("--out", default="/mnt/checkpoints/manual/phase1")
+    launch.add_argument("--data", default=f"{cluster.CHECKPOINTS_MOUNT}/manual/dataset")
+    launch.add_argument("--out", default=f"{cluster.CHECKPOINTS_MOUNT}/manual/phase1")
+    launch.add_argument("--init", help="Phase 2: Phase 1's checkpoint on the volume")
     launch.add_argument("--profile", default="uni-gpu")
     launch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     launch.add_argument("--nodes", type=int, default=1)
     launch.add_argument("--gpus-per-node", type=int, default=1)
-    launch.add_argument("--image", default="cellseg-kfp:0.1.0")
-    launch.add_argument("--namespace", default="cellseg")
+    launch.add_argument("--image", default=cluster.IMAGE)
+    launch.add_argument("--namespace", default=cluster.NAMESPACE)
     launch.add_argument("--name", help="job name (default: from --pipeline-run and --phase)")
     launch.add_argument("--pipeline-run", default="manual")
     launch.add_argument(
@@ -234,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--runs", help="two pipeline runs side by side: A,B")
     compare.add_argument("--png", type=Path, default=Path("out/compare.png"))
     compare.set_defaults(handler=cmd_compare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellseg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_data_commands(sub)
+    add_model_commands(sub)
+    add_ops_commands(sub)
     return parser
 
 
@@ -241,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except UserError as err:
-        print(f"cellseg {args.command}: error: {err}", file=sys.stderr)
+    except CellsegError as err:  # the user's to fix: one line each, no traceback
+        for line in str(err).splitlines() or [type(err).__name__]:
+            print(f"cellseg {args.command}: error: {line}", file=sys.stderr)
         return 2
     return 0
 

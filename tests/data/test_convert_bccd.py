@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from cellseg.arrays import load_arrays
-from cellseg.convert import convert_dataset
-from cellseg.data_source import read_dvc_pointer
+from cellseg.data.arrays import load_arrays
+from cellseg.data.convert import convert_dataset
+from cellseg.data.source import read_dvc_pointer
 
 pytestmark = pytest.mark.data
 

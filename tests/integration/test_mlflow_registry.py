@@ -1,20 +1,39 @@
 """Registry and tracking against a real `mlflow server`: register, aliases, pyfunc, gate."""
 
 import json
+import os
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 from PIL import Image
 
-from cellseg.model_store import resolve_checkpoint
-from cellseg.registry import CHALLENGER, CHAMPION, promote, register
-from cellseg.voc import CLASS_NAMES
+from cellseg.classes import CLASS_NAMES
+from cellseg.ops.model_ref import resolve_checkpoint
+from cellseg.ops.registry import CHALLENGER, CHAMPION, promote, register
+from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(process.stderr.read()) from None
+            time.sleep(1)
+    raise RuntimeError(f"{url} did not answer in {seconds} s")
 
 
 def fake_metrics(pq: float, per_class: dict | None = None) -> dict:
@@ -54,13 +73,44 @@ def test_register_alias_load_by_alias_and_predict_on_a_bccd_image(
     local = resolve_checkpoint(f"models:/{model_name}@{CHAMPION}")
     assert local.read_bytes() == checkpoint.read_bytes()
 
-    model = mlflow.pyfunc.load_model(f"models:/{model_name}@{CHAMPION}")
+    uri = f"models:/{model_name}@{CHAMPION}"
+    model = mlflow.pyfunc.load_model(uri)
     cells = model.predict(image)
     assert list(cells.columns[:4]) == ["instance_id", "category_id", "class_name", "score"]
     assert set(cells["class_name"]) <= set(CLASS_NAMES)
     assert (cells["x"] + cells["width"] <= 640).all() and (
         cells["y"] + cells["height"] <= 480
     ).all()
+
+    # models-from-code: the version holds our source file and the checkpoint, no pickle
+    files = [p.name for p in Path(mlflow.artifacts.download_artifacts(uri)).rglob("*")]
+    assert "serving_model.py" in files and not [f for f in files if f.endswith(".pkl")], files
+
+    # `mlflow models serve` answers an HTTP request with the same rows as the loaded model
+    # (as `make serve` does: the venv's bin first on PATH, where MLflow looks for uvicorn)
+    bin_dir = Path(sys.executable).parent
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    serve = [str(bin_dir / "mlflow"), "models", "serve", "-m", uri]
+    server = subprocess.Popen(
+        [*serve, "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", server, seconds=180)
+        body = json.dumps({"inputs": image.tolist()}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            served = json.loads(answer.read())["predictions"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert len(served) == len(cells)  # one row per cell
+    assert [r["class_name"] for r in served] == list(cells["class_name"])
+    assert [r["area"] for r in served] == list(cells["area"])
 
 
 def test_promotion_gate_both_ways_and_forced(mlflow_uri, checkpoint, model_name):
@@ -95,25 +145,3 @@ def test_promotion_gate_both_ways_and_forced(mlflow_uri, checkpoint, model_name)
     assert client.get_model_version_by_alias(model_name, CHAMPION).version == v5
     versions = {v.version for v in client.search_model_versions(f"name='{model_name}'")}
     assert versions == {v1, v2, v3, v4, v5}  # never deleted
-
-
-LOGGER = """
-import sys, mlflow
-mlflow.set_tracking_uri(sys.argv[1])
-client = mlflow.MlflowClient()
-for step in range(40):
-    client.log_metric(sys.argv[2], sys.argv[3], float(step), step=step)
-"""
-
-
-def test_two_processes_logging_to_one_run_lose_nothing(mlflow_uri):
-    run_id = new_run()
-    procs = [
-        subprocess.Popen([sys.executable, "-c", LOGGER, mlflow_uri, run_id, name])
-        for name in ("loss_a", "loss_b")
-    ]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    client = mlflow.MlflowClient()
-    for name in ("loss_a", "loss_b"):
-        history = client.get_metric_history(run_id, name)
-        assert sorted(m.step for m in history) == list(range(40))

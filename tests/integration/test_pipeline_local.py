@@ -5,8 +5,8 @@ import json
 import mlflow
 import pytest
 
-from cellseg.compare import compare
-from cellseg.registry import CHAMPION, MODEL_NAME
+from cellseg.ops.compare import compare, pipeline_runs, plot_history
+from cellseg.ops.registry import CHALLENGER, CHAMPION, MODEL_NAME
 from pipelines.run_local import run_local, summary
 from tests.conftest import TINY, synthetic_samples, write_voc
 
@@ -45,7 +45,20 @@ def test_pipeline_produces_a_registered_model_a_report_and_a_comparison(mlflow_u
     phase1 = next(r for r in parents if r.data.tags.get("cellseg.step") == "phase1")
     assert phase1.data.params["backbone"] == "test_vit" and "val_total" in phase1.data.metrics
 
+    # a second run registers a challenger; `make compare` names both aliases
+    run_local(voc, tmp_path / "kfp", "local", [*TINY, "epochs=1", "seed=1"], mlflow_uri)
     table = compare(5, None, tmp_path / "history.png", mlflow_uri)
     pipeline_run = phase1.data.tags["cellseg.pipeline_run_id"]
-    assert pipeline_run in table and f"{champion.version}" in table
+    assert pipeline_run in table
+    registry = table.split("Registry:")[1]
+    rows = {line.split()[0]: line.split()[1] for line in registry.strip().splitlines()[2:]}
+    champion = client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version
+    challenger = client.get_model_version_by_alias(MODEL_NAME, CHALLENGER).version
+    assert int(challenger) == max(map(int, rows)), rows  # the newest version
+    assert "champion" in rows[str(champion)].split(","), registry
+    assert "challenger" in rows[str(challenger)].split(","), registry
     assert (tmp_path / "history.png").read_bytes()[:4] == b"\x89PNG"
+    runs = pipeline_runs(client, client.get_experiment_by_name("cellseg").experiment_id, 5)
+    marked = plot_history(runs, tmp_path / "again.png", str(champion))
+    ordered = sorted(runs, key=lambda r: r["start"])
+    assert ordered[marked - 1]["version"] == str(champion)

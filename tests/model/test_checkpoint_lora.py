@@ -5,9 +5,18 @@ import pickle
 import pytest
 import torch
 
-from cellseg.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model_state
-from cellseg.lora import add_lora, lora_scaling
-from cellseg.model import create_model
+from cellseg.errors import CheckpointError
+from cellseg.model.checkpoint import (
+    CheckpointMeta,
+    find_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    lora_scaling,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from cellseg.model.factory import create_model
+from cellseg.model.lora import add_lora
 
 pytestmark = pytest.mark.model
 RANK, ALPHA = 4, 8.0
@@ -92,11 +101,25 @@ def test_a_checkpoint_of_another_model_is_a_clear_error():
         )
 
 
+META = CheckpointMeta(
+    phase=2,
+    model_name="test_vit",
+    decoder_width=32,
+    image_size=(64, 96),
+    native_size=(96, 128),
+    lora={"rank": RANK, "alpha": ALPHA},
+    config={},
+)
+
+
 def test_checkpoints_are_written_atomically_and_read_safely(tmp_path):
-    path = tmp_path / "latest.pt"
-    atomic_save({"model": plain().state_dict(), "epoch": 3}, path)
-    assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]
+    path = tmp_path / "latest_phase2.pt"
+    save_checkpoint(path, with_lora(trained_adapters=True), META, epoch=3, best_metric=0.5)
+    assert [p.name for p in tmp_path.iterdir()] == ["latest_phase2.pt"]
     assert load_checkpoint(path)["epoch"] == 3
+    model, meta = model_from_checkpoint(path)  # LoRA merged: a plain model comes back
+    assert meta == META and meta.scale == 64 / 96
+    assert not any("lora_" in k for k in model.state_dict())
 
     class Payload:  # arbitrary pickled objects are refused by weights_only loading
         def __reduce__(self):
@@ -110,3 +133,21 @@ def test_checkpoints_are_written_atomically_and_read_safely(tmp_path):
     truncated.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"truncated\.pt"):
         load_checkpoint(truncated)
+
+
+def test_the_format_tag_is_checked_on_read(tmp_path):
+    """A foreign torch file (here: a bare state dict, as a backbone weights file is) is refused
+    with a line that names it and says what it is not, instead of failing later on a key."""
+    path = tmp_path / "backbone.pt"
+    torch.save(plain().state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"backbone\.pt: checkpoint format None, this"):
+        load_checkpoint(path)
+
+
+def test_a_training_folder_resolves_to_its_most_advanced_checkpoint(tmp_path):
+    for name in ("latest_phase1.pt", "best_phase1.pt", "latest_phase2.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert find_checkpoint(tmp_path).name == "latest_phase2.pt"  # no best of Phase 2 yet
+    assert find_checkpoint(tmp_path, phases=(1,)).name == "best_phase1.pt"
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        find_checkpoint(tmp_path / "empty")

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cellseg.checkpoint import load_checkpoint
-from cellseg.config import load_config
-from cellseg.steps import TrainRequest, training_command
-from cellseg.train import EarlyStopping, train
+from cellseg.model.checkpoint import load_checkpoint
+from cellseg.ops.steps import TrainRequest, training_command
+from cellseg.training.config import load_config
+from cellseg.training.loop import EarlyStopping, train
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.model
@@ -53,7 +53,7 @@ def test_short_training_lowers_the_loss_and_keeps_the_best_epoch(dataset, tmp_pa
     assert best["best_metric"] == pytest.approx(min(vals))
     latest = load_checkpoint(tmp_path / "latest_phase1.pt")
     assert latest["epoch"] == 6 and len(latest["history"]) == 6
-    assert {"optimizer", "scheduler", "scaler", "rng", "bad_epochs"} <= set(latest)
+    assert {"optimizer", "scheduler", "rng", "bad_epochs", "stopped_early"} <= set(latest)
     assert (tmp_path / "config_phase1.yaml").is_file()
 
 
@@ -62,6 +62,32 @@ def test_phase2_without_phase1_fails_clearly(dataset, tmp_path):
     assert result.returncode == 2
     assert "Phase 2 starts from Phase 1: no best_phase1.pt or latest_phase1.pt" in result.stderr
     assert not list(tmp_path.iterdir())  # nothing trained from scratch
+
+
+def one_error_line(result) -> str:
+    """The run's only stderr line, which must be ``cellseg train: error: ...``."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cellseg train: error: "), result.stderr
+    return lines[0]
+
+
+def test_asking_for_cuda_without_a_gpu_is_one_line(dataset, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here")
+    args = train_args(1, dataset, tmp_path, "device=cuda")
+    line = one_error_line(subprocess.run(cli(*args), capture_output=True, text=True))
+    assert "device=cuda but no CUDA device is visible" in line and "device=cpu" in line
+
+
+def test_a_weights_file_that_does_not_fit_is_one_line(dataset, tmp_path):
+    from cellseg.model.factory import create_model
+
+    weights = tmp_path / "vit_tiny.pth"
+    torch.save(create_model("vit_tiny", weights=None).backbone.state_dict(), weights)
+    args = train_args(1, dataset, tmp_path / "out", f"weights={weights}")
+    line = one_error_line(subprocess.run(cli(*args), capture_output=True, text=True))
+    assert f"{weights}: does not fit the backbone" in line and "`backbone`" in line
 
 
 def test_phase2_starts_from_best_else_latest_and_trains_only_lora_and_decoder(dataset, tmp_path):
@@ -128,7 +154,10 @@ def test_two_process_gloo_ddp_equals_one_process_on_the_same_global_batch(datase
 
     def run(processes: int, batch_size: int, out: Path):
         request = TrainRequest(
-            1, "local", overrides=[*common, f"batch_size={batch_size}"], gpus_per_node=processes
+            phase=1,
+            profile="local",
+            overrides=(*common, f"batch_size={batch_size}"),
+            gpus_per_node=processes,
         )
         cmd = training_command(request, dataset, out, None, None)
         assert ("torch.distributed.run" in cmd) == (processes > 1)
@@ -159,7 +188,10 @@ def test_a_killed_ddp_worker_fails_the_run_and_a_restart_resumes_and_finishes(da
 
     out = tmp_path / "ddp"
     request = TrainRequest(
-        1, "local", overrides=[*TINY, "epochs=4", "limit_train_images=6"], gpus_per_node=2
+        phase=1,
+        profile="local",
+        overrides=(*TINY, "epochs=4", "limit_train_images=6"),
+        gpus_per_node=2,
     )
     cmd = training_command(request, dataset, out, None, None)
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -35,7 +35,7 @@ def fake_hub_cache(root, state):
 
 LOAD = """
 import sys, torch
-from cellseg.model import create_model
+from cellseg.model.factory import create_model
 model = create_model("uni")  # weights: the registry default, hf-hub:MahmoodLab/UNI
 torch.save({k: v for k, v in model.backbone.state_dict().items()}, sys.argv[1])
 print(type(model.backbone).__name__, model.skip_indices)

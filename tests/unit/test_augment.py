@@ -1,15 +1,16 @@
 import numpy as np
 import torch
 
-from cellseg.arrays import load_arrays
-from cellseg.dataset import CellDataset, split_files
-from cellseg.targets import hv_maps
+from cellseg.data.arrays import load_arrays
+from cellseg.data.manifest import split_files
+from cellseg.training.dataset import CellDataset
+from cellseg.training.targets import hv_maps
 
 
 def test_augmented_samples_keep_instances_classes_and_recomputed_hv_consistent(
     dataset, monkeypatch
 ):
-    import cellseg.dataset as dataset_module
+    import cellseg.training.dataset as dataset_module
 
     captured = []
     real = dataset_module.hv_maps
@@ -46,7 +47,7 @@ def test_augmented_samples_keep_instances_classes_and_recomputed_hv_consistent(
 
 def test_hv_targets_are_recomputed_from_the_augmented_instance_map(dataset, monkeypatch):
     seen = {}
-    import cellseg.dataset as dataset_module
+    import cellseg.training.dataset as dataset_module
 
     real = dataset_module.hv_maps
 

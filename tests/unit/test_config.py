@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from cellseg.config import (
+from cellseg.training.config import (
     ConfigError,
     TrainConfig,
     config_from_dict,
@@ -31,9 +31,10 @@ def test_overrides_are_typed():
     [
         (["epoch=3"], "unknown key(s) epoch"),
         (["epochs=three"], "epochs='three'"),
-        (["epochs=2.5"], "expected an integer"),
-        (["image_size=60,96"], "multiples of 16"),
-        (["compile=maybe"], "expected true or false"),
+        (["epochs=2.5"], "valid integer, got a number with a fractional part"),
+        (["image_size=60,96"], "image_size='60,96': Input should be a multiple of 16"),
+        (["compile=maybe"], "compile='maybe': Input should be a valid boolean"),
+        (["device=gpu"], "device='gpu': Input should be 'auto', 'cpu' or 'cuda'"),
         (["epochs"], "expected key=value"),
     ],
 )

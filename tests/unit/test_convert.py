@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from cellseg.arrays import load_arrays
-from cellseg.convert import convert_dataset
+from cellseg.data.arrays import load_arrays
+from cellseg.data.convert import convert_dataset
 from tests.conftest import voc_xml
 
 
@@ -113,3 +113,25 @@ def test_bad_input_is_one_clear_line_and_leaves_no_output(tiny_voc, tmp_path, pr
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["file"] for s in manifest["skipped"]] == ["img_001"]
     assert manifest["splits"]["train"]["images"] == 2
+
+
+def test_every_defect_is_reported_in_one_run(tiny_voc, tmp_path):
+    """A malformed XML, an unknown class and a missing image: three lines, one run, no output."""
+    (tiny_voc / "Annotations" / "img_000.xml").write_text("<annotation><object>")
+    (tiny_voc / "Annotations" / "img_002.xml").write_text(
+        voc_xml("img_002.jpg", 128, 96, [("Monocyte", 5, 5, 30, 30)])
+    )
+    (tiny_voc / "JPEGImages" / "img_004.jpg").unlink()
+    out = tmp_path / "ds"
+    result = run_convert("--source", tiny_voc, "--out", out)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    expected = [
+        "img_000.xml: malformed XML",
+        "img_002.xml: unknown class name 'Monocyte'",
+        "img_004.jpg: image missing",
+    ]
+    for line, wanted in zip(errors, expected, strict=False):
+        assert wanted in line, result.stderr
+    assert len(errors) == 4 and "3 bad files; nothing written" in errors[3], result.stderr
+    assert not out.exists()

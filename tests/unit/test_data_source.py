@@ -1,6 +1,6 @@
 import pytest
 
-from cellseg.data_source import (
+from cellseg.data.source import (
     DataError,
     dvc_dir_md5,
     file_checksums,

@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 import yaml
 
-from cellseg.launch import JobFailed, JobRunner, JobSpec, build_pytorchjob, job_name
+from cellseg.ops.launch import JobFailed, JobRunner, JobSpec, build_pytorchjob, job_name
 
 # The PyTorchJob CRD (training-operator release-1.9) from ../shared, or where PYTORCHJOB_CRD says.
 CRD = Path(
@@ -26,7 +26,10 @@ CRD = Path(
 @pytest.fixture(scope="module")
 def crd_schema():
     if not CRD.is_file():
-        pytest.skip(f"{CRD} not found (the PyTorchJob CRD from training-operator release-1.9)")
+        message = f"{CRD} not found (the PyTorchJob CRD from training-operator release-1.9)"
+        if os.environ.get("PYTORCHJOB_CRD"):  # .ci/run sets it: there a missing CRD is a failure
+            pytest.fail(message)
+        pytest.skip(message)
     crd = yaml.safe_load(CRD.read_text())
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return v1["schema"]["openAPIV3Schema"]
@@ -253,7 +256,7 @@ def test_a_failed_job_fails_the_step_with_every_pods_last_lines(cluster):
 def test_the_wall_clock_timeout_stops_waiting(cluster):
     _, runner, _ = cluster(["Running"], {MASTER: ["step 1"]})
     runner.submit(JOB)
-    with pytest.raises(TimeoutError, match="not finished after"):
+    with pytest.raises(JobFailed, match="not finished after"):
         runner.wait("cellseg-r1-phase1", "ns", timeout_seconds=0.2)
 
 

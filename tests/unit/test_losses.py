@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from cellseg.losses import (
+from cellseg.training.losses import (
     CLASS_WEIGHTS,
     cross_entropy,
     dice_loss,
@@ -29,10 +29,17 @@ def test_class_weighted_cross_entropy_by_hand():
     weights = torch.tensor(CLASS_WEIGHTS)
     expected = (0.05 * math.log(4) + 8.0 * math.log(4)) / (0.05 + 8.0)
     assert cross_entropy(logits, target, valid, weights).item() == pytest.approx(expected)
-    # a wrong platelet costs 160x a wrong background pixel
-    logits[0, 0, 0, 1] = 5.0  # platelet pixel predicted background
-    only_platelet_wrong = cross_entropy(logits, target, valid, weights).item()
-    assert only_platelet_wrong > expected
+    # A confident mistake (logit 5 on a wrong class) costs ce = ln(e^5 + 3) on its pixel; its
+    # excess over the uniform case is weighted 8.0 on a platelet and 0.05 on background: 160x.
+    wrong = math.log(math.exp(5) + 3)
+    platelet_wrong, background_wrong = logits.clone(), logits.clone()
+    platelet_wrong[0, 0, 0, 1] = 5.0  # the platelet pixel predicted background
+    background_wrong[0, 3, 0, 0] = 5.0  # the background pixel predicted platelet
+    cost_p = cross_entropy(platelet_wrong, target, valid, weights).item() - expected
+    cost_b = cross_entropy(background_wrong, target, valid, weights).item() - expected
+    assert cost_p == pytest.approx(8.0 * (wrong - math.log(4)) / 8.05)
+    assert cost_b == pytest.approx(0.05 * (wrong - math.log(4)) / 8.05)
+    assert cost_p / cost_b == pytest.approx(160)
 
 
 def test_dice_loss_is_zero_for_a_perfect_and_one_for_a_disjoint_prediction():

@@ -6,8 +6,8 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from cellseg.coco import encode_rle
-from cellseg.metrics import aji, coco_map, match
+from cellseg.data.coco import encode_rle
+from cellseg.evaluation.metrics import aji, coco_map, match
 
 
 def squares(shape=(40, 60), boxes=((2, 2, 12, 12), (2, 20, 12, 30), (20, 2, 30, 12))):

@@ -8,7 +8,6 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from pipelines.cellseg_pipeline import CPU_STEPS, GPU_STEPS, TRAINING_STEPS
 from pipelines.compile import DEFAULT_OUTPUT, compile_pipeline
 
 
@@ -37,9 +36,13 @@ def executors(committed):
     return pipeline["deploymentSpec"]["executors"], k8s
 
 
+GPU_EXECUTORS = {"exec-evaluate"}  # training GPUs belong to the PyTorchJobs, not to KFP pods
+TRAINING_TASKS = {"train": 1, "train-2": 2}  # DAG task -> phase
+
+
 def test_gpu_steps_carry_accelerator_selector_and_toleration(committed):
     containers, k8s = executors(committed)
-    for step in GPU_STEPS:
+    for step in (name.removeprefix("exec-") for name in GPU_EXECUTORS):
         resources = containers[f"exec-{step}"]["container"]["resources"]
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu", step
         assert "gpus_per_node" in resources["accelerator"]["resourceCount"], step
@@ -52,9 +55,11 @@ def test_gpu_steps_carry_accelerator_selector_and_toleration(committed):
         )
 
 
-def test_cpu_steps_ask_for_no_gpu_but_for_cpu_and_memory(committed):
+def test_every_other_step_asks_for_no_gpu_but_for_cpu_and_memory(committed):
     containers, k8s = executors(committed)
-    for step in CPU_STEPS:
+    cpu = sorted(set(containers) - GPU_EXECUTORS)
+    assert len(cpu) == len(containers) - len(GPU_EXECUTORS) == 6, cpu
+    for step in (name.removeprefix("exec-") for name in cpu):
         resources = containers[f"exec-{step}"]["container"]["resources"]
         assert "accelerator" not in resources, step
         assert resources["cpuRequest"] > 0 and resources["memoryRequest"] > 0, step
@@ -66,11 +71,29 @@ def test_training_steps_pass_gpu_placement_to_their_pytorchjobs(committed):
     pipeline, _ = committed
     _, k8s = executors(committed)
     tasks = pipeline["root"]["dag"]["tasks"]
-    for step in TRAINING_STEPS:
+    for step, phase in TRAINING_TASKS.items():
         params = tasks[step]["inputs"]["parameters"]
-        for name in ("node_selector", "tolerations", "gpus_per_node", "num_nodes", "image"):
+        assert params["phase"]["runtimeValue"]["constant"] == phase
+        assert tasks[step]["taskInfo"]["name"] == f"train-phase{phase}"
+        names = (
+            "node_selector",
+            "tolerations",
+            "gpus_per_node",
+            "num_nodes",
+            "image",
+            "lora_alpha",
+        )
+        for name in names:
             assert params[name]["componentInputParameter"] == name, (step, name)
-        assert k8s[f"exec-{step}"]["pvcMount"][0]["mountPath"] == "/mnt/checkpoints"
+        executor = tasks[step]["componentRef"]["name"].replace("comp-", "exec-")
+        assert k8s[executor]["pvcMount"][0]["mountPath"] == "/mnt/checkpoints"
+
+
+def test_phase2_consumes_phase1s_model(committed):
+    tasks = committed[0]["root"]["dag"]["tasks"]
+    init = tasks["train-2"]["inputs"]["artifacts"]["init_model"]["taskOutputArtifact"]
+    assert init == {"outputArtifactKey": "model", "producerTask": "train"}
+    assert "init_model" not in tasks["train"]["inputs"].get("artifacts", {})
 
 
 def test_only_conversion_is_cached(committed):

@@ -1,12 +1,12 @@
 import numpy as np
 
-from cellseg.postprocess import (
+from cellseg.evaluation.postprocess import (
     classify_instances,
     classify_instances_reference,
     postprocess,
     watershed_instances,
 )
-from cellseg.targets import hv_maps
+from cellseg.training.targets import hv_maps
 
 
 def discs(shape, centres, r):
@@ -75,7 +75,7 @@ def test_postprocess_of_an_empty_prediction_is_empty():
 def test_fill_holes_matches_scipy():
     from scipy import ndimage as ndi
 
-    from cellseg.postprocess import fill_holes
+    from cellseg.evaluation.postprocess import fill_holes
 
     rng = np.random.default_rng(1)
     mask = ndi.binary_opening(rng.random((60, 80)) > 0.45)
@@ -88,7 +88,7 @@ def test_growing_markers_equals_the_plain_scikit_image_watershed():
     from scipy import ndimage as ndi
     from skimage.segmentation import watershed
 
-    from cellseg.postprocess import grow_markers
+    from cellseg.evaluation.postprocess import grow_markers
 
     rng = np.random.default_rng(4)
     for _ in range(5):

@@ -1,7 +1,7 @@
 import numpy as np
 
-from cellseg.pseudomask import MaskCounts, MaskParams, ellipse_mask, instances_from_boxes
-from cellseg.voc import Box
+from cellseg.data.pseudomask import MaskCounts, MaskParams, ellipse_mask, instances_from_boxes
+from cellseg.data.voc import Box
 from tests.conftest import disc_image
 
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from cellseg.targets import hv_maps
+from cellseg.training.targets import hv_maps
 
 
 def test_hv_maps_of_a_disc_are_normalised_offsets_from_its_centre():

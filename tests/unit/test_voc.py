@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from cellseg.voc import AnnotationError, Box, CleanupCounts, box_iou, clean_boxes, parse_voc
+from cellseg.data.voc import Box, CleanupCounts, box_iou, clean_boxes, parse_voc
+from cellseg.errors import DataError
 from tests.conftest import voc_xml
 
 
@@ -30,7 +31,7 @@ def test_parse_voc_reads_size_and_boxes_with_class_ids(tmp_path):
 )
 def test_parse_voc_errors_name_the_file_and_the_problem(tmp_path, text, problem):
     path = write(tmp_path, text)
-    with pytest.raises(AnnotationError) as err:
+    with pytest.raises(DataError) as err:
         parse_voc(path)
     assert str(path) in str(err.value) and problem in str(err.value)
 

@@ -1,0 +1,83 @@
+"""A trained model as a function: RGB image (any size) -> classified instances."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cellseg.errors import InputError
+from cellseg.evaluation.postprocess import Instances, PostprocessParams, postprocess
+from cellseg.model.checkpoint import model_from_checkpoint
+from cellseg.model.factory import CellSegModel
+
+MAX_PIXELS = 4096 * 4096
+
+
+def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """Grayscale, RGBA and 16-bit images -> (H, W, 3) uint8."""
+    if image.dtype == np.uint16:
+        image = (image / 257).round().astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise InputError(f"unsupported pixel type {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise InputError(f"unsupported image shape {image.shape}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return image[..., :3]
+
+
+def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of an integer map (exact for any dtype)."""
+    rows = (np.arange(shape[0]) * labels.shape[0] // shape[0]).clip(0, labels.shape[0] - 1)
+    cols = (np.arange(shape[1]) * labels.shape[1] // shape[1]).clip(0, labels.shape[1] - 1)
+    return labels[rows][:, cols]
+
+
+@dataclass
+class Predictor:
+    model: CellSegModel
+    scale: float  # working resolution / native resolution
+    device: torch.device
+    params: PostprocessParams = field(default_factory=PostprocessParams)
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, device: str = "cpu") -> Predictor:
+        model, meta = model_from_checkpoint(Path(path))
+        return cls(model.to(device), meta.scale, torch.device(device))
+
+    @torch.no_grad()
+    def probabilities(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """NP probability (h, w), HV (2, h, w), NC softmax (4, h, w) at working resolution."""
+        h, w = image.shape[:2]
+        wh, ww = max(16, round(h * self.scale)), max(16, round(w * self.scale))
+        small = cv2.resize(image, (ww, wh), interpolation=cv2.INTER_AREA)
+        x = torch.from_numpy(small.transpose(2, 0, 1).copy()).float().div(255).unsqueeze(0)
+        ph, pw = math.ceil(wh / 16) * 16 - wh, math.ceil(ww / 16) * 16 - ww
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")  # sides to multiples of 16, cropped back
+        out = self.model(x.to(self.device))
+        np_prob = out["np"].float().softmax(1)[0, 1, :wh, :ww].cpu().numpy()
+        hv = out["hv"].float()[0, :, :wh, :ww].cpu().numpy()
+        nc_prob = out["nc"].float().softmax(1)[0, :, :wh, :ww].cpu().numpy()
+        return np_prob, hv, nc_prob
+
+    def __call__(self, image: np.ndarray) -> Instances:
+        """Instances at the image's own resolution."""
+        image = as_rgb_uint8(image)
+        h, w = image.shape[:2]
+        if h * w > MAX_PIXELS:
+            raise InputError(
+                f"image is {w}x{h}, above the {MAX_PIXELS:,}-pixel limit; tile it first"
+            )
+        if min(h, w) < 16:
+            raise InputError(f"image is {w}x{h}; sides must be at least 16 pixels")
+        inst = postprocess(*self.probabilities(image), self.params)
+        inst.labels = resize_labels(inst.labels, (h, w))
+        return inst

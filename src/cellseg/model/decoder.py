@@ -1,0 +1,97 @@
+"""HoVer-Net-style decoder on ViT features, in the CellViT manner.
+
+Four ViT feature maps (all at 1/16 resolution) plus the image itself feed shared skip paths at
+1/8, 1/4, 1/2 and 1/1; three branches (NP, HV, NC) upsample the deepest map and fuse the skips.
+
+GroupNorm rather than CellViT's BatchNorm: statistics that do not depend on the batch make a
+2-process DDP step equal to a 1-process step on the same global batch, and behave with the small
+per-GPU batches a ViT-L at 480x640 allows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cellseg.classes import NUM_CLASSES
+
+BRANCHES = {"np": 2, "hv": 2, "nc": NUM_CLASSES}
+
+
+def conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.GroupNorm(math.gcd(8, cout), cout),
+        nn.GELU(),
+    )
+
+
+def up_block(cin: int, cout: int) -> nn.Sequential:
+    """x2 upsampling (transposed conv) followed by a conv block."""
+    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, stride=2), conv_block(cout, cout))
+
+
+class BranchUpsampler(nn.Module):
+    """One output branch: deepest features at 1/16 -> full resolution, fusing the skips."""
+
+    def __init__(self, embed_dim: int, width: int, out_channels: int):
+        super().__init__()
+        w = width
+        self.bottleneck = nn.ConvTranspose2d(embed_dim, w, 2, stride=2)  # 1/8
+        self.up8 = nn.Sequential(
+            conv_block(2 * w, w), conv_block(w, w), nn.ConvTranspose2d(w, w // 2, 2, stride=2)
+        )  # -> 1/4
+        self.up4 = nn.Sequential(
+            conv_block(w, w // 2),
+            conv_block(w // 2, w // 2),
+            nn.ConvTranspose2d(w // 2, w // 4, 2, stride=2),
+        )  # -> 1/2
+        self.up2 = nn.Sequential(
+            conv_block(w // 2, w // 4),
+            conv_block(w // 4, w // 4),
+            nn.ConvTranspose2d(w // 4, w // 8, 2, stride=2),
+        )  # -> 1/1
+        self.head = nn.Sequential(
+            conv_block(w // 4, w // 8),
+            conv_block(w // 8, w // 8),
+            nn.Conv2d(w // 8, out_channels, 1),
+        )
+
+    def forward(self, deepest: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        s0, s1, s2, s3 = skips
+        x = self.up8(torch.cat([self.bottleneck(deepest), s3], dim=1))
+        x = self.up4(torch.cat([x, s2], dim=1))
+        x = self.up2(torch.cat([x, s1], dim=1))
+        return self.head(torch.cat([x, s0], dim=1))
+
+
+class HoverDecoder(nn.Module):
+    """Shared skip paths and the NP / HV / NC branches.
+
+    Args:
+        embed_dim: channels of the ViT features.
+        width: channels at 1/8 resolution (CellViT: 512); halved at each finer level.
+    """
+
+    def __init__(self, embed_dim: int, width: int = 512):
+        super().__init__()
+        if width % 16:
+            raise ValueError(f"decoder width must be a multiple of 16, got {width}")
+        w = self.width = width
+        self.skip0 = nn.Sequential(conv_block(3, w // 16), conv_block(w // 16, w // 8))  # 1/1
+        self.skip1 = nn.Sequential(
+            up_block(embed_dim, w), up_block(w, w // 2), up_block(w // 2, w // 4)
+        )
+        self.skip2 = nn.Sequential(up_block(embed_dim, w), up_block(w, w // 2))  # 1/4
+        self.skip3 = up_block(embed_dim, w)  # 1/8
+        self.branches = nn.ModuleDict(
+            {name: BranchUpsampler(embed_dim, w, n) for name, n in BRANCHES.items()}
+        )
+
+    def forward(self, image: torch.Tensor, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``features``: four ViT maps, shallow to deep, each (B, C, H/16, W/16)."""
+        z1, z2, z3, z4 = features
+        skips = [self.skip0(image), self.skip1(z1), self.skip2(z2), self.skip3(z3)]
+        return {name: branch(z4, skips) for name, branch in self.branches.items()}

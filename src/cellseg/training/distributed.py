@@ -1,0 +1,73 @@
+"""Process-group set-up for torchrun and PyTorchJob pods (both set WORLD_SIZE, RANK, MASTER_*)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from cellseg.errors import TrainingError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError(
+                "device=cuda but no CUDA device is visible: use --set device=cpu (or auto), "
+                "or run on a GPU node"
+            )
+        return torch.device("cuda", local_rank)
+    return torch.device(preference)
+
+
+def init_world(device_preference: str) -> World:
+    """Join the process group when launched distributed (NCCL on GPU, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_preference, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(rank, world_size, local_rank, device)
+
+
+def broadcast_flag(flag: bool, world: World) -> bool:
+    """Rank 0's decision, on every rank (early stopping must stop all ranks together)."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor([int(flag)], device=world.device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def all_reduce_sum(values: torch.Tensor, world: World) -> torch.Tensor:
+    if world.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def shutdown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,445 @@
+"""Two-phase training: Phase 1 trains the decoder (backbone frozen when pretrained), Phase 2 adds
+LoRA to the backbone's ``qkv`` and fine-tunes adapters and decoder.
+
+Runs the same under plain ``python``, ``torchrun`` and a cluster job. Rank 0 alone writes
+checkpoints and logs. ``latest_phase{N}.pt`` is written every epoch with everything needed to
+resume; ``best_phase{N}.pt`` only when the validation loss improves. Starting again with the same
+arguments resumes from ``latest``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from cellseg.data.manifest import native_size, read_manifest
+from cellseg.errors import CheckpointError, TrainingError
+from cellseg.model.checkpoint import (
+    BEST,
+    LATEST,
+    CheckpointMeta,
+    checkpoint_path,
+    find_checkpoint,
+    load_into,
+    save_checkpoint,
+)
+from cellseg.model.factory import CellSegModel, create_model
+from cellseg.model.lora import add_lora
+from cellseg.training.config import TrainConfig, config_to_dict
+from cellseg.training.dataset import CellDataset, worker_init
+from cellseg.training.distributed import (
+    World,
+    all_reduce_sum,
+    broadcast_flag,
+    init_world,
+    shutdown,
+)
+from cellseg.training.losses import hovernet_loss
+
+PHASE2_DECODER_LR = 1e-4  # the notebook's fix: whatever the global LR, the decoder moves slowly
+LOSS_TERMS = ("total", "np", "hv", "nc")
+
+
+@dataclass
+class EarlyStopping:
+    """Best validation loss so far and epochs since it improved (lower is better)."""
+
+    patience: int
+    min_delta: float = 0.0
+    best: float = math.inf
+    bad_epochs: int = 0
+
+    def update(self, value: float) -> bool:
+        """Record one epoch's metric; True when it improved on the best."""
+        if value < self.best - self.min_delta:
+            self.best, self.bad_epochs = value, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    stopped_early: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """Everything one phase's training holds while it runs."""
+
+    phase: int
+    config: TrainConfig
+    world: World
+    out: Path
+    model: CellSegModel  # the bare model: what checkpoints hold
+    train_model: torch.nn.Module  # what the step calls (DDP and/or compiled wrapper)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    stopper: EarlyStopping
+    state: TrainState
+    meta: CheckpointMeta
+    train_set: CellDataset
+    train_loader: DataLoader
+    train_sampler: DistributedSampler
+    val_loader: DataLoader
+    resumed: bool = False
+    tracker: object | None = None
+
+    @property
+    def best_path(self) -> Path:
+        return checkpoint_path(self.out, self.phase, BEST)
+
+    @property
+    def latest_path(self) -> Path:
+        return checkpoint_path(self.out, self.phase, LATEST)
+
+
+def find_phase1_checkpoint(init: Path | None, out: Path) -> Path:
+    """Phase 1's best checkpoint, else its latest: ``init`` (file or folder), else ``out``."""
+    folder = init if init is not None else out
+    try:
+        return find_checkpoint(folder, phases=(1,))
+    except CheckpointError:
+        raise TrainingError(
+            f"Phase 2 starts from Phase 1: no best_phase1.pt or latest_phase1.pt in {folder} "
+            "(run `cellseg train --phase 1` first, or pass --init CHECKPOINT)"
+        ) from None
+
+
+def build_model(config: TrainConfig, phase: int) -> tuple[CellSegModel, bool]:
+    """The model for ``phase`` and whether its backbone came pretrained."""
+    pretrained = phase == 1 and config.weights is not None
+    # Phase 2's backbone weights come from the Phase 1 checkpoint, so no download here.
+    model = create_model(
+        config.backbone,
+        weights=config.weights if phase == 1 else None,
+        decoder_width=config.decoder_width or None,
+    )
+    if phase == 2:
+        add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout)
+    elif pretrained:
+        model.backbone.requires_grad_(False)
+    return model, pretrained
+
+
+def param_groups(model: CellSegModel, phase: int, config: TrainConfig) -> list[dict]:
+    decoder = [p for p in model.decoder.parameters() if p.requires_grad]
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    groups = [{"params": decoder, "lr": PHASE2_DECODER_LR if phase == 2 else config.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": config.lr})
+    return groups
+
+
+def lr_lambdas(phase: int, n_groups: int, total_steps: int, warmup_steps: int) -> list:
+    def warmup_cosine(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    # Phase 2's decoder group (index 0) keeps its fixed LR.
+    return [(lambda _: 1.0) if (phase == 2 and i == 0) else warmup_cosine for i in range(n_groups)]
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    use_bf16 = config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_loader(dataset, world: World, config: TrainConfig, shuffle: bool, seed: int):
+    sampler = DistributedSampler(
+        dataset, num_replicas=world.world_size, rank=world.rank, shuffle=shuffle, seed=seed
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        pin_memory=world.device.type == "cuda",
+        persistent_workers=False,  # workers re-read the dataset's epoch each epoch
+        worker_init_fn=worker_init,
+    )
+    return loader, sampler
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def forward_loss(model, batch: dict, config: TrainConfig, device: torch.device) -> dict:
+    """The training step's forward: model and HoVer-Net loss terms of one batch on ``device``."""
+    batch = to_device(batch, device)
+    with autocast(config, device):
+        return hovernet_loss(
+            model(batch["image"]), batch["np"], batch["hv"], batch["nc"], batch["ignore"]
+        )
+
+
+def run_epoch(run: Run, loader: DataLoader, training: bool, desc: str) -> dict[str, float]:
+    """One pass over ``loader``; trains when ``training``. Returns sample-weighted mean losses.
+
+    With ``grad_accum`` > 1, gradients of that many batches add up before one optimizer step;
+    under DDP they are all-reduced once per step, not per batch.
+    """
+    model = run.train_model if training else run.model
+    model.train(training)
+    world, accum = run.world, run.config.grad_accum
+    sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64, device=world.device)
+    n_batches = len(loader)
+    bar = tqdm(loader, desc=desc, disable=not world.is_main, leave=False, file=sys.stderr)
+    for i, batch in enumerate(bar):
+        group_start = i - i % accum
+        group_size = min(accum, n_batches - group_start)
+        last_in_group = i == group_start + group_size - 1
+        sync = contextlib.nullcontext()
+        if training and world.distributed and not last_in_group:
+            sync = model.no_sync()
+        with sync, torch.set_grad_enabled(training):
+            terms = forward_loss(model, batch, run.config, world.device)
+            if training:
+                (terms["total"] / group_size).backward()
+        if training and last_in_group:
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scheduler.step()
+        n = batch["image"].shape[0]
+        values = torch.stack([terms[t].detach().double() * n for t in LOSS_TERMS])
+        sums += torch.cat([values, values.new_tensor([n])])
+        if i % 10 == 0:  # a host sync for the progress bar only now and then
+            bar.set_postfix(loss=f"{terms['total'].item():.3f}")
+    sums = all_reduce_sum(sums, world)
+    return {t: (sums[j] / sums[-1]).item() for j, t in enumerate(LOSS_TERMS)}
+
+
+def train_epoch(run: Run) -> dict[str, float]:
+    epoch = run.state.epoch
+    run.train_sampler.set_epoch(epoch)
+    run.train_set.set_epoch(epoch)
+    desc = f"phase {run.phase} epoch {epoch + 1}/{run.config.epochs}"
+    return run_epoch(run, run.train_loader, True, desc)
+
+
+def validate(run: Run) -> dict[str, float]:
+    return run_epoch(run, run.val_loader, False, "validate")
+
+
+def save(run: Run, improved: bool) -> None:
+    """``best`` when the validation loss improved; ``latest`` (with resume state) always."""
+    common = (run.model, run.meta, run.state.epoch, run.stopper.best)
+    if improved:
+        save_checkpoint(run.best_path, *common)
+    resume = {
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "bad_epochs": run.stopper.bad_epochs,
+        "stopped_early": run.state.stopped_early,
+        "history": run.state.history,
+        "rng": rng_state(),
+    }
+    save_checkpoint(run.latest_path, *common, resume=resume)
+
+
+def restore(run: Run, ckpt: dict) -> None:
+    """Optimizer, schedule, early stopping, history and RNG from a ``latest`` checkpoint."""
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.stopper.best, run.stopper.bad_epochs = ckpt["best_metric"], ckpt["bad_epochs"]
+    run.state = TrainState(ckpt["epoch"], ckpt["stopped_early"], list(ckpt["history"]))
+    set_rng_state(ckpt["rng"])
+    run.resumed = True
+
+
+def build_data(data: Path, config: TrainConfig, world: World):
+    """The training set, its loader and sampler, and the validation loader."""
+    train_set = CellDataset(
+        data, "train", config.image_size, True, config.limit_train_images, config.seed
+    )
+    val_set = CellDataset(data, "val", config.image_size, False, config.limit_val_images)
+    train_loader, train_sampler = make_loader(train_set, world, config, True, config.seed)
+    val_loader, _ = make_loader(val_set, world, config, False, config.seed)
+    return train_set, train_loader, train_sampler, val_loader
+
+
+def build_optimization(model: CellSegModel, phase: int, config: TrainConfig, batches: int):
+    """AdamW over the trainable groups and its warm-up + cosine schedule (``batches`` per epoch)."""
+    groups = param_groups(model, phase, config)
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(batches / config.grad_accum)
+    total, warmup = steps_per_epoch * config.epochs, steps_per_epoch * config.warmup_epochs
+    schedule = lr_lambdas(phase, len(groups), total, warmup)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def checkpoint_meta(model: CellSegModel, phase: int, config: TrainConfig, data: Path):
+    return CheckpointMeta(
+        phase=phase,
+        model_name=config.backbone,
+        decoder_width=model.decoder.width,
+        image_size=tuple(config.image_size),
+        native_size=tuple(native_size(data)),
+        lora={"rank": config.lora_rank, "alpha": config.lora_alpha} if phase == 2 else None,
+        config=config_to_dict(config),
+    )
+
+
+def setup_run(phase, data, out, config, init, tracker, world: World) -> Run:
+    """Model, data, optimizer and schedule; resumed from ``latest`` or, for Phase 2, started
+    from Phase 1's checkpoint."""
+    seed_everything(config.seed, config.deterministic)
+    latest = checkpoint_path(out, phase, LATEST)
+    model, pretrained = build_model(config, phase)
+    resume = load_into(model, latest) if latest.is_file() else None
+    if resume is None and phase == 2:
+        source = find_phase1_checkpoint(init, out)
+        start = load_into(model, source)
+        if world.is_main:
+            print(f"phase 2: starting from {source} (epoch {start['epoch']})", file=sys.stderr)
+    model.to(world.device)
+    train_set, train_loader, train_sampler, val_loader = build_data(data, config, world)
+    optimizer, scheduler = build_optimization(model, phase, config, len(train_loader))
+    train_model = DistributedDataParallel(model) if world.distributed else model
+    if config.compile:
+        train_model = torch.compile(train_model)
+    run = Run(
+        phase=phase,
+        config=config,
+        world=world,
+        out=out,
+        model=model,
+        train_model=train_model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        stopper=EarlyStopping(config.patience, config.min_delta),
+        state=TrainState(),
+        meta=checkpoint_meta(model, phase, config, data),
+        train_set=train_set,
+        train_loader=train_loader,
+        train_sampler=train_sampler,
+        val_loader=val_loader,
+        tracker=tracker,
+    )
+    if resume is not None:
+        restore(run, resume)
+        if world.is_main:
+            done = run.state.epoch
+            print(f"phase {phase}: resuming from {latest} after epoch {done}", file=sys.stderr)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"config_phase{phase}.yaml").write_text(yaml.safe_dump(config_to_dict(config)))
+        if tracker is not None and resume is None:
+            tracker.log_params({**config_to_dict(config), "phase": phase, "pretrained": pretrained})
+    return run
+
+
+def log_epoch(run: Run, record: dict, improved: bool) -> None:
+    print(
+        f"phase {run.phase} epoch {record['epoch']}: train {record['train_total']:.4f} "
+        f"val {record['val_total']:.4f}{' (best)' if improved else ''}",
+        file=sys.stderr,
+    )
+    if run.tracker is not None:
+        run.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, record["epoch"])
+
+
+def fit(run: Run) -> TrainState:
+    """Epochs until ``epochs`` or early stopping; checkpoints and logs from rank 0."""
+    while run.state.epoch < run.config.epochs and not run.state.stopped_early:
+        start = time.perf_counter()
+        train_losses = train_epoch(run)
+        val_losses = validate(run)
+        improved = run.stopper.update(val_losses["total"])
+        run.state.epoch += 1
+        run.state.stopped_early = broadcast_flag(run.stopper.should_stop, run.world)
+        record = {
+            "epoch": run.state.epoch,
+            **{f"train_{k}": v for k, v in train_losses.items()},
+            **{f"val_{k}": v for k, v in val_losses.items()},
+            "lr": run.scheduler.get_last_lr()[-1],
+            "seconds": time.perf_counter() - start,
+        }
+        run.state.history.append(record)
+        if run.world.is_main:
+            save(run, improved)
+            log_epoch(run, record, improved)
+    if run.world.is_main and run.tracker is not None and run.best_path.is_file():
+        run.tracker.log_artifact(run.best_path)
+    return run.state
+
+
+def train(
+    phase: int,
+    data: Path,
+    out: Path,
+    config: TrainConfig,
+    init: Path | None = None,
+    tracker=None,
+) -> TrainState:
+    """Train one phase into ``out``; resumes from ``out/latest_phase{phase}.pt`` if present.
+
+    Args:
+        init: Phase 2 only: Phase 1's checkpoint file or folder (default: ``out``).
+        tracker: optional experiment logger (``cellseg.ops.tracking``); rank 0 only.
+    """
+    if phase not in (1, 2):
+        raise TrainingError(f"phase must be 1 or 2, got {phase}")
+    data, out = Path(data), Path(out)
+    read_manifest(data)  # a clear error before any process group or model exists
+    world = init_world(config.device)
+    monitor = None
+    if tracker is not None and world.is_main:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=5)
+        monitor.start()
+    try:
+        return fit(setup_run(phase, data, out, config, init, tracker, world))
+    finally:
+        if monitor is not None:
+            monitor.finish()
+        shutdown(world)

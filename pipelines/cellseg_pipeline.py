@@ -49,6 +49,8 @@ def cellseg_pipeline(
     mlflow_uri: str = cluster.MLFLOW_URI,
     image: str = cluster.IMAGE,
     train_timeout_hours: float = 72.0,
+    training_engine: str = "pytorchjob",  # or "trainjob": Kubeflow Trainer v2
+    queue_name: str = "",  # a Kueue LocalQueue for the training jobs; "" = none
     run_tags: dict = {},  # noqa: B006
     promotion_tolerance: float = 0.02,
     force_promote: bool = False,
@@ -77,6 +79,8 @@ def cellseg_pipeline(
         node_selector=node_selector,
         tolerations=tolerations,
         timeout_hours=train_timeout_hours,
+        training_engine=training_engine,
+        queue_name=queue_name,
     )
     phase1 = train(phase=1, **common).set_display_name("train-phase1")
     phase2 = train(phase=2, init_model=phase1.outputs["model"], **common)

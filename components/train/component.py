@@ -19,6 +19,8 @@ def train(
     node_selector: dict,
     tolerations: list,
     timeout_hours: float,
+    training_engine: str,
+    queue_name: str,
     checkpoint_root: str,
     pipeline_run_id: str,
     run_tags: dict,
@@ -28,8 +30,9 @@ def train(
 ):
     """One training phase (cellseg train): 1 = decoder, 2 = LoRA on qkv from ``init_model``.
 
-    On a cluster it runs as a PyTorchJob (``num_nodes`` x ``gpus_per_node``) on the checkpoint
-    volume; locally under torchrun."""
+    On a cluster it runs as a PyTorchJob or TrainJob (``training_engine``; ``num_nodes`` x
+    ``gpus_per_node``, queued by Kueue in ``queue_name``) on the checkpoint volume; locally under
+    torchrun."""
     from pathlib import Path
 
     from cellseg.ops.steps import TrainRequest, train_step
@@ -47,6 +50,8 @@ def train(
         node_selector=node_selector,
         tolerations=tuple(tolerations),
         timeout_hours=timeout_hours,
+        engine=training_engine,
+        queue_name=queue_name,
     )
     init = Path(init_model.path) if init_model is not None else None
     info = train_step(

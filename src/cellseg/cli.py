@@ -107,7 +107,8 @@ def tolerations_from(specs: list[str]) -> tuple[dict, ...]:
 def cmd_launch(args: argparse.Namespace) -> None:
     import yaml
 
-    from cellseg.ops.launch import JobSpec, build_pytorchjob, job_name, run_pytorchjob
+    from cellseg.ops.jobs import JobSpec, build_job, job_name
+    from cellseg.ops.launch import run_job
     from cellseg.ops.steps import TrainRequest, train_args
 
     request = TrainRequest(phase=args.phase, profile=args.profile, overrides=tuple(args.set))
@@ -121,10 +122,11 @@ def cmd_launch(args: argparse.Namespace) -> None:
         node_selector=dict(kv.split("=", 1) for kv in args.node_selector),
         tolerations=tolerations_from(args.toleration),
         mlflow_uri=os.environ.get("MLFLOW_TRACKING_URI", ""),
+        queue_name=args.queue,
         timeout_seconds=int(args.timeout_hours * 3600),
     )
     if args.dry_run:
-        print(yaml.safe_dump(build_pytorchjob(spec), sort_keys=False), end="")
+        print(yaml.safe_dump(build_job(args.engine, spec), sort_keys=False), end="")
         return
     from kubernetes import client, config
 
@@ -132,7 +134,7 @@ def cmd_launch(args: argparse.Namespace) -> None:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    run_pytorchjob(spec, client.ApiClient())
+    run_job(args.engine, spec, client.ApiClient(), args.queue_timeout_hours * 3600)
 
 
 def add_data_commands(sub) -> None:
@@ -192,8 +194,15 @@ def add_ops_commands(sub) -> None:
     register.add_argument("--force", action="store_true", help="promote regardless (recorded)")
     register.set_defaults(handler=cmd_register)
 
-    launch = sub.add_parser("launch", help="train as a PyTorchJob (--dry-run prints its YAML)")
+    launch = sub.add_parser("launch", help="train as a cluster job (--dry-run prints its YAML)")
     launch.add_argument("--dry-run", action="store_true", help="print the manifest, submit nothing")
+    launch.add_argument(
+        "--engine",
+        choices=("pytorchjob", "trainjob"),
+        default="pytorchjob",
+        help="Training Operator v1 PyTorchJob, or Kubeflow Trainer v2 TrainJob",
+    )
+    launch.add_argument("--queue", default="", help="Kueue LocalQueue (default: none)")
     launch.add_argument("--phase", type=int, choices=(1, 2), default=1)
     launch.add_argument("--data", default=f"{cluster.CHECKPOINTS_MOUNT}/manual/dataset")
     launch.add_argument("--out", default=f"{cluster.CHECKPOINTS_MOUNT}/manual/phase1")
@@ -212,7 +221,8 @@ def add_ops_commands(sub) -> None:
     launch.add_argument(
         "--toleration", action="append", default=[], metavar="KEY[:EFFECT]", help="repeatable"
     )
-    launch.add_argument("--timeout-hours", type=float, default=72.0)
+    launch.add_argument("--timeout-hours", type=float, default=72.0, help="after admission")
+    launch.add_argument("--queue-timeout-hours", type=float, default=168.0, help="while queued")
     launch.set_defaults(handler=cmd_launch)
 
     compare = sub.add_parser("compare", help="compare pipeline runs and registry versions")

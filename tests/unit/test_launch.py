@@ -1,38 +1,51 @@
-"""PyTorchJobs: valid against the real CRD schema and the operator's admission rules; the
-submit / stream / wait / fail logic against a small stand-in Kubernetes API (no cluster here)."""
+"""Training-job manifests of both engines against the real CRD schemas (PyTorchJob from
+training-operator 1.9, TrainJob from kubeflow/trainer v2.3.0) and the operator's admission
+rules. Submitting and waiting run against a real API server: tests/cluster/."""
 
-import io
-import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
 
-from cellseg.ops.launch import JobFailed, JobRunner, JobSpec, build_pytorchjob, job_name
-
-# The PyTorchJob CRD (training-operator release-1.9) from ../shared, or where PYTORCHJOB_CRD says.
-CRD = Path(
-    os.environ.get("PYTORCHJOB_CRD")
-    or Path(__file__).resolve().parents[3] / "shared/schemas/kubeflow.org_pytorchjobs.yaml"
+from cellseg.ops.jobs import (
+    QUEUE_LABEL,
+    JobSpec,
+    build_pytorchjob,
+    build_trainjob,
+    job_key,
+    job_name,
 )
+
+SCHEMAS = Path(__file__).resolve().parents[3] / "shared/schemas"
+# The CRDs from ../shared, or where PYTORCHJOB_CRD says (.ci/run sets it: there a missing CRD
+# fails the tests instead of skipping them).
+CRD = Path(os.environ.get("PYTORCHJOB_CRD") or SCHEMAS / "kubeflow.org_pytorchjobs.yaml")
+TRAINJOB_CRD = CRD.parent / "trainer.kubeflow.org_trainjobs.yaml"
+
+
+def load_schema(path: Path, version: str) -> dict:
+    if not path.is_file():
+        message = f"{path} not found (the CRDs in shared/schemas)"
+        if os.environ.get("PYTORCHJOB_CRD"):
+            pytest.fail(message)
+        pytest.skip(message)
+    crd = yaml.safe_load(path.read_text())
+    (v,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    return v["schema"]["openAPIV3Schema"]
 
 
 @pytest.fixture(scope="module")
 def crd_schema():
-    if not CRD.is_file():
-        message = f"{CRD} not found (the PyTorchJob CRD from training-operator release-1.9)"
-        if os.environ.get("PYTORCHJOB_CRD"):  # .ci/run sets it: there a missing CRD is a failure
-            pytest.fail(message)
-        pytest.skip(message)
-    crd = yaml.safe_load(CRD.read_text())
-    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return v1["schema"]["openAPIV3Schema"]
+    return load_schema(CRD, "v1")
+
+
+@pytest.fixture(scope="module")
+def trainjob_schema():
+    return load_schema(TRAINJOB_CRD, "v1alpha1")
 
 
 def unknown_fields(value, schema, path="") -> list[str]:
@@ -133,140 +146,58 @@ def test_launch_dry_run_prints_a_reviewable_manifest(crd_schema):
     }
 
 
-class StandIn:
-    """Just enough of the Kubernetes API: one PyTorchJob whose condition follows a script."""
-
-    def __init__(self, script, logs):
-        self.script = list(script)  # condition after each GET of the job
-        self.logs = logs  # pod -> list of lines (grows as the job "runs")
-        self.job = None
-        self.requests = []
-        self.gets = 0
-
-
-def serve(stand_in):
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def reply(self, code, body):
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            stand_in.requests.append(("GET", self.path))
-            if "/pytorchjobs/" in self.path:
-                if stand_in.job is None:
-                    return self.reply(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
-                state = stand_in.script[min(stand_in.gets, len(stand_in.script) - 1)]
-                stand_in.gets += 1
-                stand_in.job["status"] = {"conditions": [{"type": state, "status": "True"}]}
-                return self.reply(200, stand_in.job)
-            if self.path.split("?")[0].endswith("/log"):
-                pod = self.path.split("/pods/")[1].split("/")[0]
-                if pod not in stand_in.logs:
-                    return self.reply(400, {"kind": "Status", "code": 400, "reason": "BadRequest"})
-                n = min(stand_in.gets + 1, len(stand_in.logs[pod]))
-                text = "\n".join(stand_in.logs[pod][:n]).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(text)))
-                self.end_headers()
-                return self.wfile.write(text)
-            if "/pods" in self.path:
-                items = [{"metadata": {"name": p}} for p in stand_in.logs]
-                return self.reply(
-                    200, {"kind": "PodList", "apiVersion": "v1", "items": items, "metadata": {}}
-                )
-            self.reply(404, {})
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            stand_in.requests.append(("POST", self.path))
-            stand_in.job, stand_in.gets = body, 0
-            self.reply(201, body)
-
-        def do_DELETE(self):
-            stand_in.requests.append(("DELETE", self.path))
-            stand_in.job = None
-            self.reply(200, {"kind": "Status", "status": "Success"})
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_every_trainjob_shape_validates_against_the_trainer_v2_crd(trainjob_schema, shape):
+    spec = JobSpec(
+        name="cellseg-x-phase1", image="reg/cellseg:abc", train_args=("--phase", "1"),
+        queue_name="gpu-queue", timeout_seconds=7200, **SHAPES[shape],
+    )  # fmt: skip
+    job = build_trainjob(spec)
+    jsonschema.Draft7Validator(trainjob_schema).validate(job)
+    assert unknown_fields(job, trainjob_schema) == []
+    trainer = job["spec"]["trainer"]
+    assert trainer["numNodes"] == spec.nodes and "numProcPerNode" not in trainer  # follows GPUs
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == str(spec.gpus_per_node)
+    assert trainer["command"][:4] == ["torchrun", "-m", "cellseg.cli", "train"]
+    assert job["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime", "name": "cellseg-torch",
+    }  # fmt: skip
+    patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]
+    pod = patch["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == spec.node_selector
+    assert pod["tolerations"] == list(spec.tolerations)
+    assert job["spec"]["activeDeadlineSeconds"] == 7200
+    assert job["metadata"]["labels"][QUEUE_LABEL] == "gpu-queue" and job["spec"]["suspend"]
+    env = {e["name"]: e for e in trainer["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "cellseg-hf-token"
 
 
-@pytest.fixture
-def cluster():
-    made = []
-
-    def make(script, logs):
-        from kubernetes import client
-
-        stand_in = StandIn(script, logs)
-        server = serve(stand_in)
-        made.append(server)
-        config = client.Configuration()
-        config.host = f"http://127.0.0.1:{server.server_address[1]}"
-        out = io.StringIO()
-        return stand_in, JobRunner(client.ApiClient(config), poll_seconds=0.01, out=out), out
-
-    yield make
-    for server in made:
-        server.shutdown()
+def test_launch_dry_run_prints_a_trainjob_that_validates(trainjob_schema):
+    result = subprocess.run(
+        [sys.executable, "-m", "cellseg.cli", "launch", "--dry-run", "--engine", "trainjob",
+         "--nodes", "2", "--gpus-per-node", "4", "--queue", "team-a", "--timeout-hours", "3"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    job = yaml.safe_load(result.stdout)
+    jsonschema.Draft7Validator(trainjob_schema).validate(job)
+    assert job["kind"] == "TrainJob" and job["spec"]["trainer"]["numNodes"] == 2
+    assert job["spec"]["activeDeadlineSeconds"] == 3 * 3600
+    assert job["metadata"]["labels"][QUEUE_LABEL] == "team-a"
 
 
-JOB = build_pytorchjob(
-    JobSpec(name="cellseg-r1-phase1", image="img:1", train_args=("--phase", "1"), namespace="ns")
-)
-MASTER = "cellseg-r1-phase1-master-0"
+def test_the_deadline_follows_the_timeout_and_kueue_suspends_a_queued_pytorchjob():
+    spec = JobSpec(name="j", image="i", train_args=(), timeout_seconds=5400, queue_name="q")
+    job = build_pytorchjob(spec)
+    assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 5400
+    assert job["spec"]["runPolicy"]["suspend"] and job["metadata"]["labels"][QUEUE_LABEL] == "q"
+    plain = build_pytorchjob(JobSpec(name="j", image="i", train_args=()))
+    assert "suspend" not in plain["spec"]["runPolicy"]
+    assert QUEUE_LABEL not in plain["metadata"]["labels"]
 
 
-def test_wait_streams_the_masters_log_once_and_returns_on_success(cluster):
-    lines = [f"epoch {i}" for i in range(5)]
-    stand_in, runner, out = cluster(
-        ["Created", "Running", "Running", "Running", "Succeeded"], {MASTER: lines}
-    )
-    runner.submit(JOB)
-    runner.wait("cellseg-r1-phase1", "ns", timeout_seconds=30)
-    assert out.getvalue().splitlines() == lines  # streamed in order, each line once
-    assert ("POST", "/apis/kubeflow.org/v1/namespaces/ns/pytorchjobs") in stand_in.requests
-
-
-def test_a_failed_job_fails_the_step_with_every_pods_last_lines(cluster):
-    logs = {
-        MASTER: ["loading", "CUDA out of memory"],
-        "cellseg-r1-phase1-worker-0": ["NCCL timeout"],
-    }
-    _, runner, _ = cluster(["Running", "Failed"], logs)
-    runner.submit(JOB)
-    with pytest.raises(JobFailed) as err:
-        runner.wait("cellseg-r1-phase1", "ns", timeout_seconds=30)
-    text = str(err.value)
-    assert (
-        "ns/cellseg-r1-phase1 failed" in text
-        and "CUDA out of memory" in text
-        and "NCCL timeout" in text
-    )
-
-
-def test_the_wall_clock_timeout_stops_waiting(cluster):
-    _, runner, _ = cluster(["Running"], {MASTER: ["step 1"]})
-    runner.submit(JOB)
-    with pytest.raises(JobFailed, match="not finished after"):
-        runner.wait("cellseg-r1-phase1", "ns", timeout_seconds=0.2)
-
-
-def test_a_retried_step_replaces_a_failed_job_and_follows_a_running_one(cluster):
-    stand_in, runner, _ = cluster(["Failed"], {MASTER: []})
-    stand_in.job = dict(JOB)  # left over from the evicted attempt
-    runner.submit(JOB)
-    verbs = [v for v, _ in stand_in.requests]
-    assert "DELETE" in verbs and verbs.index("DELETE") < verbs.index("POST")
-    stand_in.script = ["Running"]
-    stand_in.requests.clear()
-    runner.submit(JOB)  # already running: not created twice
-    assert [v for v, _ in stand_in.requests] == ["GET"]
+def test_a_retry_has_the_same_job_key_and_another_image_does_not():
+    spec = JobSpec(name="j", image="i:1", train_args=("--phase", "1", "--mlflow-run", "a"))
+    retry = JobSpec(name="j", image="i:1", train_args=("--phase", "1", "--mlflow-run", "b"))
+    other = JobSpec(name="j", image="i:2", train_args=("--phase", "1", "--mlflow-run", "a"))
+    assert job_key(spec) == job_key(retry) != job_key(other)

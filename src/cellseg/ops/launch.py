@@ -1,258 +1,284 @@
-"""Distributed training on Kubernetes: a PyTorchJob (Kubeflow Training Operator, kubeflow.org/v1).
+"""Submit a training job (``cellseg.ops.jobs``) and wait for it, with bounded loops throughout.
 
-Master x1 + Worker x(nodes - 1), each running ``torchrun -m cellseg.cli train ...`` in a
-container named ``pytorch``; the operator sets the rendezvous (``PET_NNODES``,
-``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``/``PORT``) that torchrun reads, so
-the training code path is the one ``torchrun --nproc_per_node=N`` runs locally.
-
-The dataset and checkpoints live on a ReadWriteMany volume that the KFP step and the job's pods
-both mount; a job name is fixed per pipeline run and phase, so a retried step finds its job (or
-recreates a failed one) and training resumes from ``latest_phase{N}.pt`` on the volume.
+Waiting uses a watch on the job from its ``resourceVersion``: a watch that expires (410 Gone)
+or a connection that drops is re-synced with a fresh read, never fatal. A job Kueue holds
+suspended is *queued*, not failed: the running timeout counts from admission, and a separate
+queue timeout says clearly that the job never left the queue. A retried step whose job already
+exists (409) adopts it when it is the same job (same ``cellseg.kfp/job-key``) and replaces it
+when it failed. A job the API server rejects is one line naming the field.
 """
 
 from __future__ import annotations
 
-import re
+import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cellseg.errors import JobFailed
-from cellseg.ops import cluster
+from cellseg.ops.jobs import ENGINES, KEY_ANNOTATION, QUEUE_LABEL, Engine, JobSpec, build_job
 
-GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
-JOB_LABEL = "training.kubeflow.org/job-name"
+# A dropped connection surfaces as one of these (urllib3 under the kubernetes client).
+_DISCONNECTS = ("ProtocolError", "ReadTimeoutError", "MaxRetryError", "NewConnectionError")
 
 
 @dataclass(frozen=True)
-class JobSpec:
-    """Everything a PyTorchJob for one training phase needs."""
-
-    name: str
-    image: str
-    train_args: tuple[str, ...]  # after `cellseg train`
-    namespace: str = cluster.NAMESPACE
-    nodes: int = 1
-    gpus_per_node: int = 1
-    node_selector: dict = field(default_factory=lambda: dict(cluster.GPU_NODE_SELECTOR))
-    tolerations: tuple[dict, ...] = cluster.GPU_TOLERATIONS
-    mlflow_uri: str = ""
-    cpu: str = "8"
-    memory: str = "64Gi"
-    shm: str = "16Gi"  # DataLoader workers share tensors through /dev/shm
-    backoff_limit: int = 3
-    timeout_seconds: int = 3 * 24 * 3600  # the job's deadline and how long the launcher waits
-    ttl_seconds_after_finished: int = 7 * 24 * 3600
+class JobStatus:
+    state: str  # succeeded | failed | queued | running
+    detail: str = ""  # the operator's reason and message
 
 
-def job_name(pipeline_run_id: str, phase: int) -> str:
-    """A DNS-1123 name, distinct per pipeline run and phase, stable across retries."""
-    slug = re.sub(r"[^a-z0-9-]", "-", pipeline_run_id.lower()).strip("-")[:40] or "run"
-    return f"cellseg-{slug}-phase{phase}"
-
-
-def _container(spec: JobSpec) -> dict:
-    env = [
-        {"name": "HF_HOME", "value": cluster.HF_CACHE_MOUNT},
-        {
-            "name": "HF_TOKEN",
-            "valueFrom": {
-                "secretKeyRef": {
-                    "name": cluster.HF_TOKEN_SECRET,
-                    "key": "HF_TOKEN",
-                    "optional": True,
-                }
-            },
-        },
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-    ]
-    if spec.mlflow_uri:
-        env.append({"name": "MLFLOW_TRACKING_URI", "value": spec.mlflow_uri})
-    gpus = str(spec.gpus_per_node)
-    return {
-        "name": "pytorch",  # the Training Operator finds the training container by this name
-        "image": spec.image,
-        "command": ["torchrun", "-m", "cellseg.cli", "train", *spec.train_args],
-        "env": env,
-        "resources": {
-            "requests": {"cpu": spec.cpu, "memory": spec.memory, cluster.ACCELERATOR: gpus},
-            "limits": {"memory": spec.memory, cluster.ACCELERATOR: gpus},
-        },
-        "volumeMounts": [
-            {"name": "checkpoints", "mountPath": cluster.CHECKPOINTS_MOUNT},
-            {"name": "hf-cache", "mountPath": cluster.HF_CACHE_MOUNT},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-        ],
-        "securityContext": {
-            "runAsNonRoot": True,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-        },
-    }
-
-
-def _replica(spec: JobSpec, replicas: int) -> dict:
-    return {
-        "replicas": replicas,
-        "restartPolicy": "OnFailure",
-        "template": {
-            "metadata": {"labels": {"app.kubernetes.io/name": "cellseg-train"}},
-            "spec": {
-                "serviceAccountName": cluster.TRAIN_SERVICE_ACCOUNT,
-                "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
-                "containers": [_container(spec)],
-                "nodeSelector": dict(spec.node_selector),
-                "tolerations": [dict(t) for t in spec.tolerations],
-                "volumes": [
-                    {
-                        "name": "checkpoints",
-                        "persistentVolumeClaim": {"claimName": cluster.CHECKPOINTS_PVC},
-                    },
-                    {
-                        "name": "hf-cache",
-                        "persistentVolumeClaim": {"claimName": cluster.HF_CACHE_PVC},
-                    },
-                    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm}},
-                ],
-            },
-        },
-    }
-
-
-def build_pytorchjob(spec: JobSpec) -> dict:
-    """The PyTorchJob manifest (a plain dict, ready for the API or ``yaml.safe_dump``)."""
-    if spec.nodes < 1 or spec.gpus_per_node < 1:
-        raise ValueError("nodes and gpus_per_node must be >= 1")
-    replicas = {"Master": _replica(spec, 1)}
-    if spec.nodes > 1:
-        replicas["Worker"] = _replica(spec, spec.nodes - 1)
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "PyTorchJob",
-        "metadata": {
-            "name": spec.name,
-            "namespace": spec.namespace,
-            "labels": {"app.kubernetes.io/part-of": "cellseg-kfp"},
-        },
-        "spec": {
-            "nprocPerNode": str(spec.gpus_per_node),
-            "runPolicy": {
-                "cleanPodPolicy": "Running",  # finished pods stay for their logs until the TTL
-                "backoffLimit": spec.backoff_limit,
-                "activeDeadlineSeconds": spec.timeout_seconds,
-                "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
-            },
-            "pytorchReplicaSpecs": replicas,
-        },
-    }
-
-
-def job_condition(job: dict) -> str | None:
-    """``Succeeded`` / ``Failed`` once finished, else the latest condition type (or None)."""
+def job_status(engine: Engine, job: dict) -> JobStatus:
+    """Where ``job`` stands, from its conditions and its suspend flag."""
     conditions = (job.get("status") or {}).get("conditions") or []
-    done = [
-        c["type"]
-        for c in conditions
-        if c.get("status") == "True" and c["type"] in ("Succeeded", "Failed")
-    ]
-    if done:
-        return done[-1]
-    return conditions[-1]["type"] if conditions else None
+    for c in reversed([c for c in conditions if c.get("status") == "True"]):
+        detail = ": ".join(x for x in (c.get("reason"), c.get("message")) if x)
+        if c["type"] == engine.succeeded:
+            return JobStatus("succeeded", detail)
+        if c["type"] == "Failed":
+            return JobStatus("failed", detail)
+    spec = job.get("spec") or {}
+    suspended = spec.get("suspend") or (spec.get("runPolicy") or {}).get("suspend")
+    if suspended:
+        return JobStatus("queued", "suspended until Kueue admits it")
+    latest = conditions[-1]["type"] if conditions else "submitted"
+    return JobStatus("running", latest)
+
+
+def rejection(engine: Engine, job: dict, err) -> str:
+    """One line from an API server's refusal (400/422), naming the field when it says which."""
+    name = f"{engine.kind} {job['metadata']['namespace']}/{job['metadata']['name']}"
+    try:
+        body = json.loads(err.body or "{}")
+    except ValueError:
+        body = {}
+    causes = (body.get("details") or {}).get("causes") or []
+    if causes:
+        c = causes[0]
+        return f"{name} rejected by the API server: {c.get('field', '?')}: {c.get('message', '')}"
+    message = (body.get("message") or str(err.reason)).splitlines()[0]
+    return f"{name} rejected by the API server: {message}"
+
+
+def _is_disconnect(err: Exception) -> bool:
+    return type(err).__name__ in _DISCONNECTS or isinstance(err, ConnectionError)
 
 
 class JobRunner:
-    """Create a PyTorchJob, follow its master's log, and wait for it to finish."""
+    """Create one kind of training job, follow its first pod's log, and wait for it."""
 
-    def __init__(self, api_client, poll_seconds: float = 10.0, out=sys.stdout):
+    def __init__(
+        self,
+        engine: Engine,
+        api_client,
+        poll_seconds: float = 10.0,
+        delete_timeout: float = 300.0,
+        out=sys.stdout,
+    ):
         from kubernetes import client
 
+        self.engine = engine
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
         self.poll_seconds = poll_seconds
+        self.delete_timeout = delete_timeout
         self.out = out
+        self._shown: dict[str, int] = {}
+
+    def _address(self, namespace: str) -> tuple:
+        e = self.engine
+        return e.group, e.version, namespace, e.plural
 
     def get(self, name: str, namespace: str) -> dict | None:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            return self.custom.get_namespaced_custom_object(*self._address(namespace), name)
         except ApiException as err:
             if err.status == 404:
                 return None
             raise
 
-    def submit(self, job: dict, delete_timeout: float = 300.0) -> None:
-        """Create ``job``; a running one of that name (a retried step) is followed instead, a
-        failed one is replaced (training resumes from the checkpoints on the volume)."""
+    def delete(self, name: str, namespace: str) -> None:
+        """Delete the job and wait, at most ``delete_timeout``, until it is gone."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.custom.delete_namespaced_custom_object(
+                *self._address(namespace), name, propagation_policy="Background"
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise
+        deadline = time.monotonic() + self.delete_timeout
+        while self.get(name, namespace) is not None:
+            if time.monotonic() > deadline:
+                waited = f"{self.delete_timeout:.0f} s"
+                raise JobFailed(
+                    f"{self.engine.kind} {namespace}/{name}: still there {waited} after "
+                    "deletion (a finalizer?); delete it by hand and retry"
+                )
+            time.sleep(min(self.poll_seconds, 2.0))
+
+    def submit(self, job: dict) -> dict:
+        """Create ``job``; on a name clash adopt the same job, replace a failed or finished
+        different one, and refuse to touch a different one that is still running."""
+        from kubernetes.client.exceptions import ApiException
+
         name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
-        existing = self.get(name, namespace)
-        if existing is not None and job_condition(existing) in ("Failed", "Succeeded"):
-            self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-            deadline = time.monotonic() + delete_timeout
-            while self.get(name, namespace) is not None:
-                if time.monotonic() > deadline:
-                    raise JobFailed(
-                        f"PyTorchJob {namespace}/{name}: old job not deleted after "
-                        f"{delete_timeout:.0f} s (a finalizer?); delete it by hand and retry"
-                    )
-                time.sleep(self.poll_seconds)
-            existing = None
-        if existing is None:
-            self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
+        for _ in range(2):  # the second try follows a replacement
+            try:
+                return self.custom.create_namespaced_custom_object(*self._address(namespace), job)
+            except ApiException as err:
+                if err.status in (400, 422):
+                    raise JobFailed(rejection(self.engine, job, err)) from None
+                if err.status != 409:
+                    raise
+            existing = self.get(name, namespace)
+            if existing is None:
+                continue  # deleted in between: create again
+            same = (existing["metadata"].get("annotations") or {}).get(KEY_ANNOTATION) == job[
+                "metadata"
+            ]["annotations"][KEY_ANNOTATION]
+            state = job_status(self.engine, existing).state
+            if same and state != "failed":
+                print(f"{self.engine.kind} {namespace}/{name}: already {state}, following it",
+                      file=self.out)  # fmt: skip
+                return existing
+            if not same and state in ("running", "queued"):
+                raise JobFailed(
+                    f"{self.engine.kind} {namespace}/{name} exists, is {state} and is not this "
+                    "job (another image or arguments); delete it or use another pipeline run"
+                )
+            self.delete(name, namespace)  # failed, or finished and different: start afresh
+        raise JobFailed(f"{self.engine.kind} {namespace}/{name}: could not be created")
 
     def _pod_log(self, pod: str, namespace: str) -> list[str]:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return self.core.read_namespaced_pod_log(
-                pod, namespace, container="pytorch"
-            ).splitlines()
+            text = self.core.read_namespaced_pod_log(
+                pod, namespace, container=self.engine.container
+            )
         except ApiException:
             return []  # not started yet
+        return text.splitlines()
+
+    def _pods(self, name: str, namespace: str) -> list[str]:
+        selector = f"{self.engine.pod_label}={name}"
+        pods = self.core.list_namespaced_pod(namespace, label_selector=selector).items
+        return sorted(p.metadata.name for p in pods)
+
+    def show_new_lines(self, name: str, namespace: str) -> None:
+        """The first pod's (rank 0's) log lines not shown yet."""
+        pods = self._pods(name, namespace)
+        if not pods:
+            return
+        lines = self._pod_log(pods[0], namespace)
+        shown = self._shown.get(pods[0], 0)
+        for line in lines[shown:]:
+            print(line, file=self.out, flush=True)
+        self._shown[pods[0]] = max(shown, len(lines))
 
     def last_lines(self, name: str, namespace: str, n: int = 20) -> str:
-        pods = self.core.list_namespaced_pod(namespace, label_selector=f"{JOB_LABEL}={name}").items
         parts = []
-        for pod in sorted(pods, key=lambda p: p.metadata.name):
-            lines = self._pod_log(pod.metadata.name, namespace)[-n:]
-            parts.append(f"--- {pod.metadata.name} ---\n" + "\n".join(lines))
+        for pod in self._pods(name, namespace):
+            lines = self._pod_log(pod, namespace)[-n:]
+            parts.append(f"--- {pod} ---\n" + "\n".join(lines))
         return "\n".join(parts)
 
-    def wait(self, name: str, namespace: str, timeout_seconds: float) -> None:
-        """Stream the master's new log lines until the job succeeds.
+    def next_version(self, job: dict, seconds: float) -> dict | None:
+        """The job after its next change, or as it is after ``seconds`` without one; None once
+        deleted. An expired watch (410) or a dropped connection re-reads the job instead."""
+        from kubernetes import watch
+        from kubernetes.client.exceptions import ApiException
 
-        Raises:
-            JobFailed: the job failed (with each pod's last lines).
-            JobFailed: also when ``timeout_seconds`` of wall-clock time passed first.
-        """
-        deadline = time.monotonic() + timeout_seconds
-        master, shown = f"{name}-master-0", 0
+        name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
+        stream = watch.Watch().stream(
+            self.custom.list_namespaced_custom_object,
+            *self._address(namespace),
+            field_selector=f"metadata.name={name}",
+            resource_version=job["metadata"]["resourceVersion"],
+            timeout_seconds=max(1, int(seconds)),
+        )
+        try:
+            for event in stream:
+                if event["type"] == "DELETED":
+                    return None
+                if event["type"] in ("ADDED", "MODIFIED"):
+                    return event["object"]
+            return job  # no change within `seconds`
+        except ApiException as err:
+            if err.status != 410:
+                raise
+        except Exception as err:
+            if not _is_disconnect(err):
+                raise
+            time.sleep(min(self.poll_seconds, 2.0))  # let a restarting server come back
+        return self._reread(name, namespace, job)
+
+    def _reread(self, name: str, namespace: str, job: dict) -> dict | None:
+        try:
+            return self.get(name, namespace)
+        except Exception as err:
+            if not _is_disconnect(err):
+                raise
+            return job  # still unreachable: the caller's deadlines bound the retries
+
+    def wait(self, job: dict, timeout_seconds: float, queue_timeout_seconds: float) -> None:
+        """Until the job succeeds; raises :class:`JobFailed` when it fails, is deleted, stays
+        queued longer than ``queue_timeout_seconds`` or runs longer than ``timeout_seconds``
+        after admission (then it is deleted too)."""
+        name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
+        what = f"{self.engine.kind} {namespace}/{name}"
+        queue = (job["metadata"].get("labels") or {}).get(QUEUE_LABEL, "")
+        started, admitted = time.monotonic(), None
+        current: dict | None = job
         while True:
-            lines = self._pod_log(master, namespace)
-            for line in lines[shown:]:
-                print(line, file=self.out, flush=True)
-            shown = max(shown, len(lines))
-            job = self.get(name, namespace)
-            state = job_condition(job) if job else "Deleted"
-            if state == "Succeeded":
+            if current is None:
+                raise JobFailed(f"{what} was deleted before it finished")
+            status = job_status(self.engine, current)
+            now = time.monotonic()
+            if status.state == "succeeded":
+                self.show_new_lines(name, namespace)
                 return
-            if state in ("Failed", "Deleted"):
+            if status.state == "failed":
                 tails = self.last_lines(name, namespace)
-                raise JobFailed(f"PyTorchJob {namespace}/{name} {state.lower()}:\n{tails}")
-            if time.monotonic() > deadline:
-                raise JobFailed(
-                    f"PyTorchJob {namespace}/{name} not finished after {timeout_seconds:.0f} s"
-                )
-            time.sleep(self.poll_seconds)
+                raise JobFailed(f"{what} failed: {status.detail}\n{tails}".rstrip())
+            if status.state == "queued":
+                left = started + queue_timeout_seconds - now
+                if left <= 0:
+                    self.delete(name, namespace)
+                    raise JobFailed(
+                        f"{what} expired while queued in {queue or 'Kueue'} after "
+                        f"{queue_timeout_seconds:.0f} s: never admitted, nothing ran; deleted"
+                    )
+            else:
+                admitted = admitted or now
+                left = admitted + timeout_seconds - now
+                if left <= 0:
+                    self.delete(name, namespace)
+                    raise JobFailed(
+                        f"{what} not finished {timeout_seconds:.0f} s after admission; deleted"
+                    )
+                self.show_new_lines(name, namespace)
+            current = self.next_version(current, min(self.poll_seconds, left))
 
 
-def run_pytorchjob(spec: JobSpec, api_client=None) -> None:
-    """Submit and wait (in-cluster credentials unless ``api_client`` is given)."""
+def run_job(
+    engine: str,
+    spec: JobSpec,
+    api_client=None,
+    queue_timeout_seconds: float = 7 * 24 * 3600,
+) -> None:
+    """Submit ``spec`` as a job of ``engine`` and wait (in-cluster credentials by default)."""
     if api_client is None:
         from kubernetes import client, config
 
         config.load_incluster_config()
         api_client = client.ApiClient()
-    runner = JobRunner(api_client)
-    runner.submit(build_pytorchjob(spec))
-    runner.wait(spec.name, spec.namespace, spec.timeout_seconds)
+    if engine not in ENGINES:
+        raise JobFailed(f"training engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    runner = JobRunner(ENGINES[engine], api_client)
+    created = runner.submit(build_job(engine, spec))
+    runner.wait(created, spec.timeout_seconds, queue_timeout_seconds)

@@ -53,7 +53,9 @@ class TrainRequest:
     image: str = cluster.IMAGE
     node_selector: dict = field(default_factory=lambda: dict(cluster.GPU_NODE_SELECTOR))
     tolerations: tuple[dict, ...] = cluster.GPU_TOLERATIONS
-    timeout_hours: float = 72.0
+    timeout_hours: float = 72.0  # running, after admission
+    engine: str = "pytorchjob"  # or "trainjob" (Kubeflow Trainer v2)
+    queue_name: str = ""  # a Kueue LocalQueue; "" = none
 
     def config_overrides(self) -> list[str]:
         extra = [f"epochs={self.epochs}"] if self.epochs > 0 else []
@@ -124,8 +126,9 @@ def train_step(
     """Train one phase from ``init`` (Phase 2: Phase 1's model); checkpoints end up in ``out``.
 
     On a cluster (with ``checkpoint_root``, a ReadWriteMany volume) the phase runs as a
-    PyTorchJob in ``<root>/<pipeline run>/phase<N>``, stable across retries, so a re-run step
-    resumes from ``latest``. Elsewhere it runs here, under torchrun for several processes.
+    PyTorchJob or TrainJob (``request.engine``) in ``<root>/<pipeline run>/phase<N>``, stable
+    across retries, so a re-run step resumes from ``latest``. Elsewhere it runs here, under
+    torchrun for several processes.
     """
     if request.phase == 2 and init is None:
         raise TrainingError("Phase 2 needs its input model (Phase 1's checkpoint)")
@@ -153,7 +156,8 @@ def train_step(
 def run_on_cluster(
     request: TrainRequest, args: list[str], pipeline_run_id: str, mlflow_uri: str | None
 ) -> None:
-    from cellseg.ops.launch import JobSpec, job_name, run_pytorchjob
+    from cellseg.ops.jobs import JobSpec, job_name
+    from cellseg.ops.launch import run_job
 
     spec = JobSpec(
         name=job_name(pipeline_run_id, request.phase),
@@ -165,9 +169,10 @@ def run_on_cluster(
         node_selector=dict(request.node_selector),
         tolerations=tuple(request.tolerations),
         mlflow_uri=mlflow_uri or "",
+        queue_name=request.queue_name,
         timeout_seconds=int(request.timeout_hours * 3600),
     )
-    run_pytorchjob(spec)
+    run_job(request.engine, spec)
 
 
 def evaluate_step(

@@ -1,0 +1,262 @@
+"""Training jobs on Kubernetes, as manifests: a Kubeflow Trainer v2 ``TrainJob`` or a Training
+Operator v1 ``PyTorchJob``, from one :class:`JobSpec`.
+
+Both run ``torchrun -m cellseg.cli train ...`` on every node; the operator sets the rendezvous
+environment (``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``/
+``PORT``) that torchrun reads, so the code path is the one ``torchrun --nproc_per_node=N`` runs
+locally. The dataset and checkpoints live on a ReadWriteMany volume that the pipeline step and
+the job's pods share; the job name is fixed per pipeline run and phase, so a retried step finds
+its job and training resumes from ``latest_phase{N}.pt`` on the volume.
+
+Trainer v2 (``trainer.kubeflow.org/v1alpha1``) is the maintained engine; the Training Operator
+v1 is deprecated upstream and kept for clusters that still run it. Static pod settings
+(volumes, security context, service account) live in the namespaced ``TrainingRuntime`` of
+``manifests/base/training-runtime.yaml``; per-run ones (node selector, tolerations) go in the
+TrainJob's ``runtimePatches``. Processes per node follow the GPUs requested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+
+from cellseg.ops import cluster
+
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KEY_ANNOTATION = "cellseg.kfp/job-key"  # what a retried step compares to adopt a job
+TRAINING_RUNTIME = "cellseg-torch"  # manifests/base/training-runtime.yaml
+LAUNCHER = "cellseg.kfp/launcher"  # the manager of our runtime patch
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How one job kind is addressed and read."""
+
+    name: str  # the pipeline's / CLI's `training_engine` value
+    kind: str
+    group: str
+    version: str
+    plural: str
+    pod_label: str  # pods carry <pod_label>=<job name>
+    succeeded: str  # the condition type that means done
+    container: str  # the training container's name
+
+
+PYTORCHJOB = Engine(
+    "pytorchjob", "PyTorchJob", "kubeflow.org", "v1", "pytorchjobs",
+    "training.kubeflow.org/job-name", "Succeeded", "pytorch",
+)  # fmt: skip
+TRAINJOB = Engine(
+    "trainjob", "TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs",
+    "jobset.sigs.k8s.io/jobset-name", "Complete", "node",
+)  # fmt: skip
+ENGINES = {e.name: e for e in (PYTORCHJOB, TRAINJOB)}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a training job for one phase needs, whichever engine runs it."""
+
+    name: str
+    image: str
+    train_args: tuple[str, ...]  # after `cellseg train`
+    namespace: str = cluster.NAMESPACE
+    nodes: int = 1
+    gpus_per_node: int = 1
+    node_selector: dict = field(default_factory=lambda: dict(cluster.GPU_NODE_SELECTOR))
+    tolerations: tuple[dict, ...] = cluster.GPU_TOLERATIONS
+    mlflow_uri: str = ""
+    queue_name: str = ""  # a Kueue LocalQueue; "" = no queueing
+    cpu: str = "8"
+    memory: str = "64Gi"
+    shm: str = "16Gi"  # DataLoader workers share tensors through /dev/shm
+    backoff_limit: int = 3
+    timeout_seconds: int = 3 * 24 * 3600  # the job's deadline and the launcher's wait (running)
+    ttl_seconds_after_finished: int = 7 * 24 * 3600
+
+    def __post_init__(self):
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ValueError("nodes and gpus_per_node must be >= 1")
+
+
+def job_name(pipeline_run_id: str, phase: int) -> str:
+    """A DNS-1123 name, distinct per pipeline run and phase, stable across retries."""
+    slug = re.sub(r"[^a-z0-9-]", "-", pipeline_run_id.lower()).strip("-")[:40] or "run"
+    return f"cellseg-{slug}-phase{phase}"
+
+
+def job_key(spec: JobSpec) -> str:
+    """What makes two submissions the same job: everything but the MLflow run, which a
+    retried step creates anew."""
+    args = list(spec.train_args)
+    if "--mlflow-run" in args:
+        i = args.index("--mlflow-run")
+        del args[i : i + 2]
+    identity = [spec.image, args, spec.nodes, spec.gpus_per_node, spec.namespace, spec.name]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+
+
+def _metadata(spec: JobSpec) -> dict:
+    labels = {"app.kubernetes.io/part-of": "cellseg-kfp"}
+    if spec.queue_name:
+        labels[QUEUE_LABEL] = spec.queue_name
+    return {
+        "name": spec.name,
+        "namespace": spec.namespace,
+        "labels": labels,
+        "annotations": {KEY_ANNOTATION: job_key(spec)},
+    }
+
+
+def _env(spec: JobSpec) -> list[dict]:
+    env = [
+        {"name": "HF_HOME", "value": cluster.HF_CACHE_MOUNT},
+        {
+            "name": "HF_TOKEN",  # from its Secret, never in the manifest
+            "valueFrom": {
+                "secretKeyRef": {
+                    "name": cluster.HF_TOKEN_SECRET,
+                    "key": "HF_TOKEN",
+                    "optional": True,
+                }
+            },
+        },
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if spec.mlflow_uri:
+        env.append({"name": "MLFLOW_TRACKING_URI", "value": spec.mlflow_uri})
+    return env
+
+
+def _resources(spec: JobSpec) -> dict:
+    gpus = str(spec.gpus_per_node)
+    return {
+        "requests": {"cpu": spec.cpu, "memory": spec.memory, cluster.ACCELERATOR: gpus},
+        "limits": {"memory": spec.memory, cluster.ACCELERATOR: gpus},
+    }
+
+
+def _command(spec: JobSpec) -> list[str]:
+    return ["torchrun", "-m", "cellseg.cli", "train", *spec.train_args]
+
+
+def pod_volumes(shm: str) -> list[dict]:
+    return [
+        {"name": "checkpoints", "persistentVolumeClaim": {"claimName": cluster.CHECKPOINTS_PVC}},
+        {"name": "hf-cache", "persistentVolumeClaim": {"claimName": cluster.HF_CACHE_PVC}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
+    ]
+
+
+VOLUME_MOUNTS = [
+    {"name": "checkpoints", "mountPath": cluster.CHECKPOINTS_MOUNT},
+    {"name": "hf-cache", "mountPath": cluster.HF_CACHE_MOUNT},
+    {"name": "dshm", "mountPath": "/dev/shm"},
+]
+CONTAINER_SECURITY = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000}
+
+
+def _replica(spec: JobSpec, replicas: int) -> dict:
+    container = {
+        "name": PYTORCHJOB.container,  # the Training Operator finds the container by this name
+        "image": spec.image,
+        "command": _command(spec),
+        "env": _env(spec),
+        "resources": _resources(spec),
+        "volumeMounts": VOLUME_MOUNTS,
+        "securityContext": CONTAINER_SECURITY,
+    }
+    return {
+        "replicas": replicas,
+        "restartPolicy": "OnFailure",
+        "template": {
+            "metadata": {"labels": {"app.kubernetes.io/name": "cellseg-train"}},
+            "spec": {
+                "serviceAccountName": cluster.TRAIN_SERVICE_ACCOUNT,
+                "securityContext": POD_SECURITY,
+                "containers": [container],
+                "nodeSelector": dict(spec.node_selector),
+                "tolerations": [dict(t) for t in spec.tolerations],
+                "volumes": pod_volumes(spec.shm),
+            },
+        },
+    }
+
+
+def build_pytorchjob(spec: JobSpec) -> dict:
+    """The PyTorchJob manifest (Training Operator v1): Master x1 + Worker x(nodes - 1)."""
+    replicas = {"Master": _replica(spec, 1)}
+    if spec.nodes > 1:
+        replicas["Worker"] = _replica(spec, spec.nodes - 1)
+    run_policy = {
+        "cleanPodPolicy": "Running",  # finished pods stay for their logs until the TTL
+        "backoffLimit": spec.backoff_limit,
+        "activeDeadlineSeconds": spec.timeout_seconds,
+        "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
+    }
+    if spec.queue_name:
+        run_policy["suspend"] = True  # Kueue admits it by resuming it
+    return {
+        "apiVersion": f"{PYTORCHJOB.group}/{PYTORCHJOB.version}",
+        "kind": PYTORCHJOB.kind,
+        "metadata": _metadata(spec),
+        "spec": {
+            "nprocPerNode": str(spec.gpus_per_node),
+            "runPolicy": run_policy,
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def build_trainjob(spec: JobSpec) -> dict:
+    """The TrainJob manifest (Trainer v2) on the project's ``TrainingRuntime``."""
+    pod_patch = {
+        "nodeSelector": dict(spec.node_selector),
+        "tolerations": [dict(t) for t in spec.tolerations],
+    }
+    node_patch = {"name": "node", "template": {"spec": {"template": {"spec": pod_patch}}}}
+    job = {
+        "apiVersion": f"{TRAINJOB.group}/{TRAINJOB.version}",
+        "kind": TRAINJOB.kind,
+        "metadata": _metadata(spec),
+        "spec": {
+            "runtimeRef": {
+                "apiGroup": TRAINJOB.group,
+                "kind": "TrainingRuntime",
+                "name": TRAINING_RUNTIME,
+            },
+            "activeDeadlineSeconds": spec.timeout_seconds,
+            "trainer": {
+                "image": spec.image,
+                "command": _command(spec),
+                "env": _env(spec),
+                "numNodes": spec.nodes,
+                "resourcesPerNode": _resources(spec),
+            },
+            "runtimePatches": [
+                {
+                    "manager": LAUNCHER,
+                    "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [node_patch]}}},
+                }
+            ],
+        },
+    }
+    if spec.queue_name:
+        job["spec"]["suspend"] = True  # Kueue admits it by resuming it
+    return job
+
+
+BUILDERS = {PYTORCHJOB.name: build_pytorchjob, TRAINJOB.name: build_trainjob}
+
+
+def build_job(engine: str, spec: JobSpec) -> dict:
+    if engine not in BUILDERS:
+        raise ValueError(f"training engine {engine!r}: expected one of {', '.join(BUILDERS)}")
+    return BUILDERS[engine](spec)

@@ -1,0 +1,79 @@
+"""The manifests against a real API server: CRDs install, every overlay is accepted (server-side
+dry run, then for real), and RBAC grants what the README says and nothing more."""
+
+import pytest
+import yaml
+
+from tests.cluster.conftest import NAMESPACE, PIPELINE_SA, REPO, TRAIN_SA
+
+pytestmark = pytest.mark.cluster
+OVERLAYS = sorted(p.name for p in (REPO / "manifests" / "overlays").iterdir())
+
+
+def test_the_training_crds_are_served(installed):
+    resources = installed.kubectl("api-resources", "-o", "name").stdout.split()
+    served = {
+        "pytorchjobs.kubeflow.org",
+        "trainjobs.trainer.kubeflow.org",
+        "trainingruntimes.trainer.kubeflow.org",
+        "localqueues.kueue.x-k8s.io",
+    }
+    assert served <= set(resources)
+
+
+def in_namespace(objects: list[dict], namespace: str) -> list[dict]:
+    """The overlay's objects moved to ``namespace``: overlays are alternatives (a claim's storage
+    class cannot change once created), so each is applied where no other one was."""
+    for obj in objects:
+        if obj["kind"] == "Namespace":
+            obj["metadata"]["name"] = namespace
+        elif "namespace" in obj["metadata"]:
+            obj["metadata"]["namespace"] = namespace
+        for subject in obj.get("subjects", []):
+            subject["namespace"] = namespace
+    return objects
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_is_accepted_by_the_server_then_applied(installed, overlay, tmp_path):
+    rendered = installed.kubectl("kustomize", str(REPO / "manifests" / "overlays" / overlay))
+    namespace = f"overlay-{overlay}"
+    objects = in_namespace([o for o in yaml.safe_load_all(rendered.stdout) if o], namespace)
+    path = tmp_path / f"{overlay}.yaml"
+    path.write_text(yaml.safe_dump_all(objects))
+    # a server-side dry run needs the namespace to exist, as on a fresh cluster
+    installed.kubectl("create", "namespace", namespace)
+    dry = installed.kubectl("apply", "--dry-run=server", "-f", str(path))
+    assert dry.stdout.count("(server dry run)") == len(objects)
+    installed.kubectl("apply", "-f", str(path))
+    first_job = "jsonpath={.spec.template.spec.replicatedJobs[0].name}"
+    runtime = installed.kubectl(
+        "get", "trainingruntime", "cellseg-torch", "-n", namespace, "-o", first_job
+    )
+    assert runtime.stdout == "node"  # the TrainJob's runtimePatches address this job by name
+
+
+def can_i(server, user: str, verb: str, resource: str, namespace: str) -> bool:
+    result = server.kubectl("auth", "can-i", verb, resource, "-n", namespace, f"--as={user}",
+                            check=False)  # fmt: skip
+    return result.stdout.strip() == "yes"
+
+
+JOB_KINDS = ("trainjobs.trainer.kubeflow.org", "pytorchjobs.kubeflow.org")
+
+
+@pytest.mark.parametrize("resource", JOB_KINDS)
+def test_the_pipeline_account_manages_training_jobs_in_its_namespace_only(installed, resource):
+    for verb in ("create", "get", "list", "watch", "delete"):
+        assert can_i(installed, PIPELINE_SA, verb, resource, NAMESPACE), verb
+        assert not can_i(installed, PIPELINE_SA, verb, resource, "default"), verb
+    assert not can_i(installed, PIPELINE_SA, "update", resource, NAMESPACE)  # no more than asked
+    assert can_i(installed, PIPELINE_SA, "get", "pods/log", NAMESPACE)
+    assert not can_i(installed, PIPELINE_SA, "create", "pods", NAMESPACE)
+
+
+@pytest.mark.parametrize("resource", JOB_KINDS)
+def test_the_training_pods_account_cannot_create_jobs(installed, resource):
+    for verb in ("create", "get", "delete"):
+        assert not can_i(installed, TRAIN_SA, verb, resource, NAMESPACE), verb
+    assert not can_i(installed, TRAIN_SA, "get", "secrets", NAMESPACE)

@@ -10,7 +10,7 @@ OUT ?= out
 PREVIEW ?= 4
 
 .PHONY: help setup data convert test lint format bench lock compile pipeline-run schedule \
-	unschedule compare serve mlflow-ui images deploy clean
+	unschedule compare serve mlflow-ui images push base-image deploy clean
 
 CRON ?= 0 0 3 * * 1
 REGISTRY ?= registry.example.com/cellseg
@@ -38,12 +38,13 @@ convert: data ## Convert data/BCCD into the instance-segmentation dataset under 
 compile: setup ## Compile the pipeline to pipelines/cellseg_pipeline.yaml (IMAGE=... for a cluster)
 	$(BIN)/python -m pipelines.compile $(if $(IMAGE),--image $(IMAGE))
 
-pipeline-run: setup ## The whole pipeline: locally (kfp.local, CPU) or, with KFP_HOST, on the cluster
+pipeline-run: setup ## The whole pipeline: locally (kfp.local, CPU; RUNNER=container: in the image) or, with KFP_HOST, on the cluster
 ifdef KFP_HOST
 	IMAGE="$${IMAGE:-$(IMAGE_REF)}" $(BIN)/python -m pipelines.submit run
 else
 	$(MAKE) --no-print-directory data
-	$(BIN)/python -m pipelines.run_local --source data/BCCD --pipeline-root $(OUT)/kfp
+	$(BIN)/python -m pipelines.run_local --source data/BCCD --pipeline-root $(OUT)/kfp \
+		$(if $(filter container,$(RUNNER)),--runner container --image $(IMAGE_REF))
 endif
 
 schedule: setup ## Weekly retraining on KFP_HOST: CRON="0 0 3 * * 1" (6 fields, seconds first)
@@ -86,10 +87,25 @@ lock: setup ## Re-resolve requirements.lock from pyproject.toml (needs network)
 		--python-platform x86_64-manylinux_2_28 --no-header --annotation-style line \
 		-o requirements.lock
 
-images: ## Build and push the project image, tagged with the git commit (REGISTRY=...)
-	docker build -f images/gpu.Dockerfile -t $(IMAGE_REF) .
-	docker push $(IMAGE_REF)
-	@echo "next: make compile IMAGE=$(IMAGE_REF)  or  IMAGE=$(IMAGE_REF) make pipeline-run"
+LOCAL_BASE ?= localhost/debian-python:3.11
+images: setup ## Build the project image (docker, else podman, else buildah; CONTAINER_ENGINE=, BASE_IMAGE=) and print its figures
+	$(BIN)/python -m cellseg.ops.images build --tag $(IMAGE_REF) $(if $(BASE_IMAGE),--base $(BASE_IMAGE)) \
+		$(if $(CONTAINER_ENGINE),--engine $(CONTAINER_ENGINE))
+	@echo "next: make push  (then make compile IMAGE=$(IMAGE_REF), or IMAGE=$(IMAGE_REF) make pipeline-run)"
+
+push: setup ## Push the image built by `make images` to REGISTRY
+	$(BIN)/python -m cellseg.ops.images push --tag $(IMAGE_REF) $(if $(CONTAINER_ENGINE),--engine $(CONTAINER_ENGINE))
+
+base-image: ## A local stand-in base (Debian bookworm minbase, Python 3.11) for offline builds: $(LOCAL_BASE)
+	mmdebstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates,passwd \
+		bookworm $(OUT)/base.tar "deb http://deb.debian.org/debian bookworm main" \
+		"deb http://deb.debian.org/debian bookworm-updates main" \
+		"deb http://deb.debian.org/debian-security bookworm-security main"
+	ctr=$$(buildah from scratch) && mnt=$$(buildah mount $$ctr) && tar -xf $(OUT)/base.tar -C $$mnt \
+		&& buildah umount $$ctr && buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+		--cmd /bin/bash $$ctr && buildah commit -q $$ctr $(LOCAL_BASE) && buildah rm $$ctr >/dev/null
+	rm -f $(OUT)/base.tar
+	@echo "next: make images BASE_IMAGE=$(LOCAL_BASE)"
 
 deploy: setup ## Apply the cluster manifests (OVERLAY=generic-gpu|gke-h100) with kubectl
 	$(BIN)/kubectl apply -k manifests/overlays/$(OVERLAY)

@@ -1,15 +1,20 @@
-"""``make pipeline-run`` without KFP_HOST: the whole pipeline on this machine through
-``kfp.local.SubprocessRunner`` (the project's environment, CPU), then a summary.
+"""``make pipeline-run`` without KFP_HOST: the whole pipeline on this machine through kfp.local,
+then a summary. ``--runner subprocess`` (default) runs each step in the project's environment;
+``--runner container`` runs each step inside the project image (``--image``), as uid 1000, with
+the data and the MLflow store bind-mounted at their own paths.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
 
+from cellseg.ops.local_containers import docker_api
 from cellseg.ops.steps import data_version_step
 from cellseg.ops.tracking import default_tracking_uri
 from pipelines.cellseg_pipeline import cellseg_pipeline
@@ -28,8 +33,13 @@ def run_local(
     mlflow_uri: str | None = None,
     processes: int = 1,
     force_promote: bool = False,
+    image: str | None = None,
 ) -> Path:
-    """Run the pipeline; returns the run's output folder under ``pipeline_root``."""
+    """Run the pipeline; returns the run's output folder under ``pipeline_root``.
+
+    Args:
+        image: run every step inside this image (kfp.local's DockerRunner) instead of here.
+    """
     from kfp import local
 
     source, pipeline_root = Path(source).resolve(), Path(pipeline_root).resolve()
@@ -37,8 +47,31 @@ def run_local(
     before = set(pipeline_root.iterdir())
     md5 = data_version_step(str(source))
     uri = mlflow_uri or default_tracking_uri()
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
-    cellseg_pipeline(
+    pipeline, runner = cellseg_pipeline, local.SubprocessRunner(use_venv=False)
+    if image:
+        pipeline, runner = in_containers(image, source, uri, pipeline_root)
+    local.init(runner=runner, pipeline_root=str(pipeline_root))
+    # In containers the steps run as the image's uid 1000 and write below the folders this
+    # process creates for them: create those writable for everyone, for this run only.
+    with umask(0o000) if image else contextlib.nullcontext():
+        run_pipeline(
+            pipeline, source, md5, profile, overrides, processes, uri, force_promote, image
+        )
+    (run_dir,) = set(pipeline_root.iterdir()) - before
+    return run_dir
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def run_pipeline(pipeline, source, md5, profile, overrides, processes, uri, force_promote, image):
+    pipeline(
         source=str(source),
         data_md5=md5,
         profile=profile,
@@ -50,12 +83,37 @@ def run_local(
         run_tags={
             "cellseg.git_commit": git_commit(),
             "cellseg.data_md5": md5,
-            "cellseg.image": "local",
+            "cellseg.image": image or "local",
             "cellseg.profile": profile,
         },
     )
-    (run_dir,) = set(pipeline_root.iterdir()) - before
-    return run_dir
+
+
+def in_containers(image: str, source: Path, mlflow_uri: str, pipeline_root: Path):
+    """The compiled pipeline with every step in ``image``, and a DockerRunner that mounts the
+    raw data (read-only) and a file-based MLflow store at their own paths."""
+    import tempfile
+
+    from kfp import components
+
+    from cellseg.ops.local_containers import docker_runner
+    from pipelines.compile import compile_pipeline
+
+    binds = {source: True}
+    if mlflow_uri.startswith("sqlite:///"):
+        store = Path(mlflow_uri.removeprefix("sqlite:///")).parent
+        store.mkdir(parents=True, exist_ok=True)
+        binds[store] = False
+        share_with_image_user(store)
+    share_with_image_user(pipeline_root)
+    spec = compile_pipeline(Path(tempfile.mkdtemp()) / "cellseg_pipeline.yaml", image)
+    return components.load_component_from_file(str(spec)), docker_runner(binds)
+
+
+def share_with_image_user(folder: Path) -> None:
+    """Let the image's user (uid 1000) write in ``folder``, its files and subfolders."""
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(path.stat().st_mode | 0o777 if path.is_dir() else path.stat().st_mode | 0o666)
 
 
 def executor_output(run_dir: Path, task: str) -> dict:
@@ -101,18 +159,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--processes", type=int, default=1, help="DDP processes per phase")
     parser.add_argument("--force-promote", action="store_true")
+    parser.add_argument("--runner", choices=("subprocess", "container"), default="subprocess")
+    parser.add_argument("--image", default="", help="the project image (--runner container)")
     args = parser.parse_args(argv)
+    if args.runner == "container" and not args.image:
+        parser.error("--runner container needs --image (make images builds one)")
     uri = default_tracking_uri()
     start = time.perf_counter()
-    run_dir = run_local(
-        args.source,
-        args.pipeline_root,
-        args.profile,
-        args.set,
-        uri,
-        args.processes,
-        args.force_promote,
-    )
+    with docker_api() if args.runner == "container" else contextlib.nullcontext():
+        run_dir = run_local(
+            args.source, args.pipeline_root, args.profile, args.set, uri, args.processes,
+            args.force_promote, args.image if args.runner == "container" else None,
+        )  # fmt: skip
     print(summary(run_dir, uri))
     print(f"\nWall time: {(time.perf_counter() - start) / 60:.1f} min")
 

@@ -10,7 +10,7 @@ OUT ?= out
 PREVIEW ?= 4
 
 .PHONY: help setup data convert test lint format bench lock compile pipeline-run schedule \
-	unschedule compare serve mlflow-ui images push base-image deploy clean
+	unschedule compare serve mlflow-ui images push base-image deploy clean bench-gpu gpu-wheels quality
 
 CRON ?= 0 0 3 * * 1
 REGISTRY ?= registry.example.com/cellseg
@@ -80,6 +80,21 @@ test: lint ## Lint, then run the whole test suite
 
 bench: data ## Print the benchmarks (conversion rate, ...)
 	$(BIN)/python -m cellseg.bench
+
+quality: data ## Train PROFILE (default local) from scratch: val/test box AP@0.5 per class, minutes (SET="k=v ...")
+	$(BIN)/python -m cellseg.quality --source data/BCCD --profile $(or $(PROFILE),local) \
+		$(foreach kv,$(SET),--set $(kv))
+
+bench-gpu: data ## The whole GPU check on a CUDA machine, JSON in out/gpu-check/ (QUICK=1: CPU dry run)
+	$(BIN)/python -m cellseg.gpu_check --source data/BCCD --out $(OUT)/gpu-check $(if $(QUICK),--quick)
+
+# What a bare GPU box with Python 3.12 and torch lacks for the training path (versions as locked).
+GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	albumentations==2.0.8 albucore==0.0.24 simsimd==6.5.16 stringzilla==5.3.2 pycocotools==2.0.11
+gpu-wheels: setup ## Download those wheels into .whl/ (cp312, manylinux) to carry to such a box
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 lock: setup ## Re-resolve requirements.lock from pyproject.toml (needs network)
 	$(BIN)/python -m pip install -q uv

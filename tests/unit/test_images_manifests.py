@@ -32,7 +32,9 @@ def test_dockerfile_passes_hadolint(dockerfile):
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_pins_its_base_installs_only_the_lock_and_runs_as_non_root(dockerfile):
     text = dockerfile.read_text()
-    bases = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    # the base is a build argument (BASE_IMAGE) whose default is pinned by digest
+    defaults = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.M))
+    bases = [defaults.get(b.strip("${}"), b) for b in re.findall(r"^FROM\s+(\S+)", text, re.M)]
     external = [b for b in bases if ":" in b or "/" in b]
     assert external and all(re.search(r":[\w.-]+@sha256:[0-9a-f]{64}$", b) for b in external)
     assert not any(b.split("@")[0].endswith(":latest") for b in external)

@@ -97,3 +97,20 @@ def test_growing_markers_equals_the_plain_scikit_image_watershed():
         markers = ndi.label(distance > np.percentile(distance, 85))[0]
         expected = watershed(distance, markers=markers, mask=mask)
         assert np.array_equal(grow_markers(distance, markers, mask), expected)
+
+
+def test_border_instances_are_ranked_lower_never_dropped():
+    from cellseg.evaluation.postprocess import PostprocessParams, touches_border
+
+    labels = discs((64, 64), [(6, 6), (32, 40)], 9)  # one cut by the image's corner
+    assert touches_border(labels).tolist() == [True, False]
+    np_prob = (labels > 0).astype(np.float32)
+    nc = np.zeros((4, 64, 64), np.float32)
+    nc[1] = 1.0
+    plain = postprocess(np_prob, hv_maps(labels), nc)
+    scaled = postprocess(np_prob, hv_maps(labels), nc, PostprocessParams(border_score=0.25))
+    assert np.array_equal(plain.labels, scaled.labels) and plain.labels.max() == 2  # kept
+    edge = touches_border(plain.labels)
+    assert edge.tolist().count(True) == 1
+    assert np.allclose(scaled.scores[edge], 0.25 * plain.scores[edge])
+    assert np.allclose(scaled.scores[~edge], plain.scores[~edge])

@@ -51,7 +51,8 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: Path, device: str = "cpu") -> Predictor:
         model, meta = model_from_checkpoint(Path(path))
-        return cls(model.to(device), meta.scale, torch.device(device))
+        params = PostprocessParams(border_score=meta.config.get("border_score", 1.0))
+        return cls(model.to(device), meta.scale, torch.device(device), params)
 
     @torch.no_grad()
     def probabilities(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -21,6 +21,11 @@ class PostprocessParams:
     sobel_ksize: int = 21
     min_marker_area: int = 10
     min_instance_area: int = 10
+    # Score factor for instances touching the image border. BCCD's annotators left most cut-off
+    # cells unboxed (78% of the val split's unlabelled regions touch the border, 11% of its
+    # boxed cells), so a border cell is a doubtful detection: ranking it lower raises strict AP
+    # without dropping it. 1.0 = off.
+    border_score: float = 1.0
 
 
 @dataclass
@@ -186,6 +191,18 @@ def postprocess(
     nc_prob: np.ndarray,
     params: PostprocessParams = PostprocessParams(),
 ) -> Instances:
-    """Watershed, then mean-softmax classification."""
+    """Watershed, then mean-softmax classification; border instances' scores scaled."""
     labels = watershed_instances(np_prob, hv, params)
-    return classify_instances(labels, np_prob, nc_prob)
+    inst = classify_instances(labels, np_prob, nc_prob)
+    if params.border_score != 1.0 and len(inst.scores):
+        inst.scores = np.where(
+            touches_border(labels), inst.scores * params.border_score, inst.scores
+        ).astype(np.float32)
+    return inst
+
+
+def touches_border(labels: np.ndarray) -> np.ndarray:
+    """For each instance id 1..n (index id - 1), whether it has a pixel on the image's edge."""
+    n = int(labels.max())
+    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    return np.isin(np.arange(1, n + 1), edge)

@@ -56,6 +56,8 @@ class TrainConfig:
     deterministic: bool = False
     limit_train_images: Annotated[int, Field(ge=0)] = 0  # 0 = all; for quick tries
     limit_val_images: Annotated[int, Field(ge=0)] = 0
+    # inference (saved with the checkpoint, read by the predictor)
+    border_score: Annotated[float, Field(gt=0, le=1)] = 1.0  # score factor, cells on the edge
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -18,9 +18,6 @@ from dataclasses import dataclass
 from cellseg.errors import JobFailed
 from cellseg.ops.jobs import ENGINES, KEY_ANNOTATION, QUEUE_LABEL, Engine, JobSpec, build_job
 
-# A dropped connection surfaces as one of these (urllib3 under the kubernetes client).
-_DISCONNECTS = ("ProtocolError", "ReadTimeoutError", "MaxRetryError", "NewConnectionError")
-
 
 @dataclass(frozen=True)
 class JobStatus:
@@ -61,7 +58,10 @@ def rejection(engine: Engine, job: dict, err) -> str:
 
 
 def _is_disconnect(err: Exception) -> bool:
-    return type(err).__name__ in _DISCONNECTS or isinstance(err, ConnectionError)
+    """A dropped or refused connection, as urllib3 (under the kubernetes client) reports it."""
+    from urllib3.exceptions import MaxRetryError, ProtocolError, ReadTimeoutError
+
+    return isinstance(err, ProtocolError | ReadTimeoutError | MaxRetryError | ConnectionError)
 
 
 class JobRunner:

@@ -137,9 +137,8 @@ class JobRunner:
             existing = self.get(name, namespace)
             if existing is None:
                 continue  # deleted in between: create again
-            same = (existing["metadata"].get("annotations") or {}).get(KEY_ANNOTATION) == job[
-                "metadata"
-            ]["annotations"][KEY_ANNOTATION]
+            theirs = (existing["metadata"].get("annotations") or {}).get(KEY_ANNOTATION)
+            same = theirs == job["metadata"]["annotations"][KEY_ANNOTATION]
             state = job_status(self.engine, existing).state
             if same and state != "failed":
                 print(f"{self.engine.kind} {namespace}/{name}: already {state}, following it",

@@ -143,3 +143,25 @@ def test_predict_records_every_instance_with_its_class(dataset, tmp_path):
         assert all({"image_id", "bbox", "score", "segmentation"} <= set(r) for r in mine)
     rows = (tmp_path / "out" / "counts.csv").read_text().splitlines()[1:]
     assert sorted(rows) == sorted(f"{n},{c[1]},{c[2]},{c[3]}" for n, c in expected.items())
+
+
+def test_the_profiles_post_processing_travels_with_the_checkpoint(dataset, tmp_path):
+    """`local` chose its watershed boundary threshold on val; the predictor built from its
+    checkpoint uses it, and a checkpoint of a profile that sets nothing keeps the default."""
+    from cellseg.training.config import load_config
+    from cellseg.training.loop import train
+    from tests.conftest import TINY
+
+    assert load_config("local", 1).boundary_threshold == 0.55
+    assert load_config("uni-gpu", 1).boundary_threshold == 0.4  # the UNI path is unchanged
+    train(1, dataset, tmp_path / "a", load_config("local", 1, [*TINY, "epochs=1"]))
+    other = load_config("local", 1, [*TINY, "epochs=1", "boundary_threshold=0.4"])
+    train(1, dataset, tmp_path / "b", other)
+    assert (
+        Predictor.from_checkpoint(tmp_path / "a" / "best_phase1.pt").params.boundary_threshold
+        == 0.55
+    )
+    assert (
+        Predictor.from_checkpoint(tmp_path / "b" / "best_phase1.pt").params.boundary_threshold
+        == 0.4
+    )

@@ -51,7 +51,11 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: Path, device: str = "cpu") -> Predictor:
         model, meta = model_from_checkpoint(Path(path))
-        params = PostprocessParams(border_score=meta.config.get("border_score", 1.0))
+        defaults = PostprocessParams()
+        params = PostprocessParams(
+            boundary_threshold=meta.config.get("boundary_threshold", defaults.boundary_threshold),
+            border_score=meta.config.get("border_score", defaults.border_score),
+        )
         return cls(model.to(device), meta.scale, torch.device(device), params)
 
     @torch.no_grad()

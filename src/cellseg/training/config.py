@@ -56,7 +56,8 @@ class TrainConfig:
     deterministic: bool = False
     limit_train_images: Annotated[int, Field(ge=0)] = 0  # 0 = all; for quick tries
     limit_val_images: Annotated[int, Field(ge=0)] = 0
-    # inference (saved with the checkpoint, read by the predictor)
+    # inference (saved with the checkpoint, read by the predictor's post-processing)
+    boundary_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.4  # HV Sobel energy = boundary
     border_score: Annotated[float, Field(gt=0, le=1)] = 1.0  # score factor, cells on the edge
 
 

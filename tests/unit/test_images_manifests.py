@@ -11,6 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from cellseg.ops import cluster
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DOCKERFILES = sorted((REPO / "images").glob("*Dockerfile"))
@@ -124,8 +126,25 @@ def test_rbac_allows_training_jobs_and_pod_logs_in_the_namespace_only(objects):
 
 def test_shared_volumes_are_read_write_many(objects):
     pvcs = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PersistentVolumeClaim"}
-    for name in ("cellseg-datasets", "cellseg-checkpoints", "cellseg-hf-cache"):
+    for name in (cluster.DATASETS_PVC, cluster.CHECKPOINTS_PVC, cluster.HF_CACHE_PVC):
         assert pvcs[name]["spec"]["accessModes"] == ["ReadWriteMany"], name
+
+
+def test_the_training_runtime_mounts_what_the_pytorchjob_mounts(objects):
+    """The TrainingRuntime (YAML) and the PyTorchJob builder (code) describe the same pods:
+    same volumes, mounts, service account and security, from the names in cellseg.ops.cluster."""
+    from cellseg.ops.jobs import CONTAINER_SECURITY, POD_SECURITY, VOLUME_MOUNTS, pod_volumes
+
+    (runtime,) = [o for o in objects if o["kind"] == "TrainingRuntime"]
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    pod = node["template"]["spec"]["template"]["spec"]
+    assert pod["volumes"] == pod_volumes("16Gi")
+    assert pod["containers"][0]["volumeMounts"] == VOLUME_MOUNTS
+    assert pod["containers"][0]["securityContext"] == CONTAINER_SECURITY
+    assert pod["securityContext"] == POD_SECURITY
+    assert pod["serviceAccountName"] == cluster.TRAIN_SERVICE_ACCOUNT
+    accounts = {o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"}
+    assert cluster.TRAIN_SERVICE_ACCOUNT in accounts
 
 
 def test_mlflow_accepts_its_in_cluster_service_names(objects):

@@ -101,7 +101,6 @@ class Run:
     train_loader: DataLoader
     train_sampler: DistributedSampler
     val_loader: DataLoader
-    resumed: bool = False
     tracker: object | None = None
 
     @property
@@ -292,7 +291,6 @@ def restore(run: Run, ckpt: dict) -> None:
     run.stopper.best, run.stopper.bad_epochs = ckpt["best_metric"], ckpt["bad_epochs"]
     run.state = TrainState(ckpt["epoch"], ckpt["stopped_early"], list(ckpt["history"]))
     set_rng_state(ckpt["rng"])
-    run.resumed = True
 
 
 def build_data(data: Path, config: TrainConfig, world: World):

@@ -69,3 +69,26 @@ def test_a_weights_file_for_another_backbone_is_a_clear_error(tmp_path):
     torch.save(create_model("vit_tiny", weights=None).backbone.state_dict(), path)
     with pytest.raises(CheckpointError, match=r"small\.pth: does not fit the backbone"):
         create_model("test_vit", weights=str(path))
+
+
+def test_a_shared_decoder_is_one_path_split_into_the_branches_and_rebuilds_from_its_name(
+    tmp_path,
+):
+    from cellseg.model.checkpoint import CheckpointMeta, model_from_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    separate = create_model("vit_tiny", weights=None, decoder_width=64).eval()
+    shared = create_model("vit_tiny_shared", weights=None, decoder_width=64).eval()
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        a, b = separate(x), shared(x)
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    # one upsampling path instead of three (the skip paths were shared already)
+    assert n_params(shared.decoder.trunk) < n_params(separate.decoder.branches) / 2.5
+    meta = CheckpointMeta(1, "vit_tiny_shared", 64, (64, 96), (64, 96), None, {})
+    save_checkpoint(tmp_path / "best_phase1.pt", shared, meta, 1, 0.0)
+    rebuilt, _ = model_from_checkpoint(tmp_path / "best_phase1.pt")
+    assert rebuilt.decoder.shared
+    with torch.no_grad():
+        assert all(torch.equal(v, rebuilt(x)[k]) for k, v in b.items())

@@ -6,6 +6,11 @@ Four ViT feature maps (all at 1/16 resolution) plus the image itself feed shared
 GroupNorm rather than CellViT's BatchNorm: statistics that do not depend on the batch make a
 2-process DDP step equal to a 1-process step on the same global batch, and behave with the small
 per-GPU batches a ViT-L at 480x640 allows.
+
+``shared=True`` runs one upsampling path and splits its last 1x1 convolution into the NP, HV and
+NC outputs (Cellpose's and StarDist's layout): a third of the decoder's cost, and the class
+branch learns from the features that finding and separating cells already needs. It is meant
+for a backbone trained from scratch on a CPU; UNI keeps HoVer-Net's separate branches.
 """
 
 from __future__ import annotations
@@ -73,25 +78,33 @@ class HoverDecoder(nn.Module):
     Args:
         embed_dim: channels of the ViT features.
         width: channels at 1/8 resolution (CellViT: 512); halved at each finer level.
+        shared: one upsampling path for the three branches (see the module's docstring).
     """
 
-    def __init__(self, embed_dim: int, width: int = 512):
+    def __init__(self, embed_dim: int, width: int = 512, shared: bool = False):
         super().__init__()
         if width % 16:
             raise ValueError(f"decoder width must be a multiple of 16, got {width}")
         w = self.width = width
+        self.shared = shared
         self.skip0 = nn.Sequential(conv_block(3, w // 16), conv_block(w // 16, w // 8))  # 1/1
         self.skip1 = nn.Sequential(
             up_block(embed_dim, w), up_block(w, w // 2), up_block(w // 2, w // 4)
         )
         self.skip2 = nn.Sequential(up_block(embed_dim, w), up_block(w, w // 2))  # 1/4
         self.skip3 = up_block(embed_dim, w)  # 1/8
-        self.branches = nn.ModuleDict(
-            {name: BranchUpsampler(embed_dim, w, n) for name, n in BRANCHES.items()}
-        )
+        if shared:
+            self.trunk = BranchUpsampler(embed_dim, w, sum(BRANCHES.values()))
+        else:
+            self.branches = nn.ModuleDict(
+                {name: BranchUpsampler(embed_dim, w, n) for name, n in BRANCHES.items()}
+            )
 
     def forward(self, image: torch.Tensor, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """``features``: four ViT maps, shallow to deep, each (B, C, H/16, W/16)."""
         z1, z2, z3, z4 = features
         skips = [self.skip0(image), self.skip1(z1), self.skip2(z2), self.skip3(z3)]
+        if self.shared:
+            outputs = self.trunk(z4, skips).split(list(BRANCHES.values()), dim=1)
+            return dict(zip(BRANCHES, outputs, strict=True))
         return {name: branch(z4, skips) for name, branch in self.branches.items()}

@@ -70,9 +70,8 @@ def _bench_setup(
     import torch
 
     from cellseg.training.config import load_config
-    from cellseg.training.dataset import CellDataset
     from cellseg.training.distributed import World, resolve_device
-    from cellseg.training.loop import build_model, build_optimization, make_loader
+    from cellseg.training.loop import build_data, build_model, build_optimization
 
     config = load_config(profile, phase, overrides)
     torch.manual_seed(0)
@@ -81,8 +80,7 @@ def _bench_setup(
         model.backbone.requires_grad_(False)
     world = World(0, 1, 0, resolve_device(config.device))
     model.to(world.device)
-    dataset = CellDataset(data, "train", config.image_size, True, seed=0)
-    loader, _ = make_loader(dataset, world, config, True, 0)
+    loader, _, _ = build_data(data, config, world)  # the profile's samples (crops, focus)
     optimizer, _ = build_optimization(model, phase, config, len(loader))
     return config, model, optimizer, loader, world.device
 
@@ -113,6 +111,7 @@ def bench_postprocess(data: Path, n: int = 20) -> list[Row]:
     from cellseg.data.arrays import load_sample
     from cellseg.data.manifest import split_files
     from cellseg.evaluation.postprocess import (
+        PostprocessParams,
         classify_instances,
         classify_instances_reference,
         grow_markers,
@@ -131,20 +130,23 @@ def bench_postprocess(data: Path, n: int = 20) -> list[Row]:
         nc = np.ascontiguousarray(np.eye(4, dtype=np.float32)[s["classes"]].transpose(2, 0, 1))
         cases.append((np_prob, hv_maps(s["instance"]), nc))
 
-    def run(grow, classify) -> float:
+    def run(grow, classify, markers: str = "sobel") -> float:
+        params = PostprocessParams(markers=markers)
         start = time.perf_counter()
         for np_prob, hv, nc in cases:
-            classify(watershed_instances(np_prob, hv, grow=grow), np_prob, nc)
+            classify(watershed_instances(np_prob, hv, params, grow=grow), np_prob, nc)
         return len(cases) / (time.perf_counter() - start)
 
     fast = run(grow_markers, classify_instances)
     ref = run(plain_watershed, classify_instances_reference)
+    slope = run(grow_markers, classify_instances, "slope")
     return [
         ("post-process 480x640, 1 core", f"{fast:.1f} img/s (goal >= 20)"),
         (
             "  plain reference (full watershed, per-instance classes)",
             f"{ref:.1f} img/s ({fast / ref:.2f}x)",
         ),
+        ("  slope markers (the local profile's)", f"{slope:.1f} img/s ({slope / fast:.2f}x)"),
     ]
 
 

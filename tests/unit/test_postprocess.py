@@ -1,8 +1,10 @@
 import numpy as np
 
 from cellseg.evaluation.postprocess import (
+    PostprocessParams,
     classify_instances,
     classify_instances_reference,
+    merge_touching,
     postprocess,
     watershed_instances,
 )
@@ -114,3 +116,63 @@ def test_border_instances_are_ranked_lower_never_dropped():
     assert edge.tolist().count(True) == 1
     assert np.allclose(scaled.scores[edge], 0.25 * plain.scores[edge])
     assert np.allclose(scaled.scores[~edge], plain.scores[~edge])
+
+
+def test_slope_markers_keep_softly_predicted_large_cells_that_sobel_markers_lose():
+    """Two large touching cells whose HV slopes are gentle (as a briefly trained network
+    predicts them) beside three small steep ones: HoVer-Net's per-image normalised Sobel energy
+    puts the large cells' interiors above its threshold, so they get no marker and vanish; the
+    slope rule needs only the maps to rise and finds all five, whatever their size."""
+    large = discs((120, 220), [(60, 50), (60, 118)], 34)
+    small = discs((120, 220), [(30, 185), (90, 185), (60, 200)], 7)
+    truth = np.where(small > 0, small + 2, large)
+    hv = hv_maps(truth)
+    hv[:, truth <= 2] *= 0.3
+    fg = (truth > 0).astype(np.float32)
+
+    def best_iou(labels, i):
+        ids, counts = np.unique(labels[truth == i], return_counts=True)
+        j = ids[counts.argmax()]
+        return (
+            ((labels == j) & (truth == i)).sum() / ((labels == j) | (truth == i)).sum() if j else 0
+        )
+
+    sobel = watershed_instances(fg, hv, PostprocessParams(markers="sobel"))
+    slope = watershed_instances(fg, hv, PostprocessParams(markers="slope"))
+    assert best_iou(sobel, 1) == best_iou(sobel, 2) == 0  # lost
+    assert slope.max() == 5 and all(best_iou(slope, i) > 0.95 for i in range(1, 6))
+
+
+def test_slope_markers_separate_touching_cells_of_any_size():
+    for r in (6, 12, 40):
+        truth = discs((4 * r + 20, 8 * r + 20), [(2 * r + 10, r + 10), (2 * r + 10, 3 * r + 10)], r)
+        labels = watershed_instances(
+            (truth > 0).astype(np.float32), hv_maps(truth), PostprocessParams(markers="slope")
+        )
+        assert labels.max() == 2, r
+
+
+def test_touching_pieces_of_a_merge_class_become_one_cell():
+    """A white cell cut in two, two touching red cells and a second white cell lying apart:
+    only the white pieces merge."""
+    labels = np.zeros((20, 40), np.int32)
+    labels[2:10, 2:8], labels[2:10, 8:14] = 1, 2  # two pieces of one white cell
+    labels[12:18, 2:8], labels[12:18, 8:14] = 3, 4  # two touching red cells
+    labels[2:10, 30:36] = 5  # another white cell, apart
+    merged = merge_touching(labels, np.array([2, 2, 1, 1, 2]), [2])
+    assert merged.max() == 4 and merged[2, 3] == merged[2, 10]
+    assert len({merged[12, 3], merged[12, 10], merged[2, 31], merged[2, 3]}) == 4
+
+
+def test_postprocess_merges_a_split_white_cell_and_classes_it_by_the_merged_mean_softmax():
+    truth = discs((100, 140), [(50, 45), (50, 93)], 25)  # two touching discs: split apart
+    fg = (truth > 0).astype(np.float32)
+    nc = np.zeros((4, 100, 140), np.float32)
+    nc[0] = truth == 0
+    nc[2][truth == 1] = 1.0
+    nc[2][truth == 2], nc[3][truth == 2] = 0.8, 0.2  # both halves white, one less surely
+    plain = postprocess(fg, hv_maps(truth), nc, PostprocessParams())
+    assert plain.labels.max() == 2 and plain.classes.tolist() == [2, 2]
+    merged = postprocess(fg, hv_maps(truth), nc, PostprocessParams(merge_touching=("WBC",)))
+    assert merged.labels.max() == 1 and merged.classes.tolist() == [2]
+    np.testing.assert_allclose(merged.class_probs[0], [0, 0, 0.9, 0.1], atol=0.01)

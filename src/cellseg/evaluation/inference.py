@@ -17,6 +17,15 @@ from cellseg.model.checkpoint import model_from_checkpoint
 from cellseg.model.factory import CellSegModel
 
 MAX_PIXELS = 4096 * 4096
+# the post-processing settings a checkpoint's training config carries
+SAVED_PARAMS = (
+    "np_threshold",
+    "markers",
+    "min_marker_area",
+    "boundary_threshold",
+    "merge_touching",
+    "border_score",
+)
 
 
 def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
@@ -51,11 +60,11 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: Path, device: str = "cpu") -> Predictor:
         model, meta = model_from_checkpoint(Path(path))
-        defaults = PostprocessParams()
-        params = PostprocessParams(
-            boundary_threshold=meta.config.get("boundary_threshold", defaults.boundary_threshold),
-            border_score=meta.config.get("border_score", defaults.border_score),
-        )
+        # older checkpoints lack some keys: the defaults apply
+        saved = {k: meta.config[k] for k in SAVED_PARAMS if k in meta.config}
+        if "merge_touching" in saved:  # a YAML list in the saved config
+            saved["merge_touching"] = tuple(saved["merge_touching"])
+        params = PostprocessParams(**saved)
         return cls(model.to(device), meta.scale, torch.device(device), params)
 
     @torch.no_grad()

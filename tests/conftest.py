@@ -99,6 +99,7 @@ TINY = [
     "backbone=test_vit",
     "decoder_width=0",  # the test ViT's own (32), whatever the profile says
     "image_size=64,96",
+    "train_crop=48",  # the profile's crops, scaled down with the frames
     "num_workers=0",
     "batch_size=2",
     "grad_accum=1",

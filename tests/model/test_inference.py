@@ -146,22 +146,25 @@ def test_predict_records_every_instance_with_its_class(dataset, tmp_path):
 
 
 def test_the_profiles_post_processing_travels_with_the_checkpoint(dataset, tmp_path):
-    """`local` chose its watershed boundary threshold on val; the predictor built from its
-    checkpoint uses it, and a checkpoint of a profile that sets nothing keeps the default."""
+    """`local` chose its post-processing on val; the predictor built from its checkpoint uses
+    it, an override travels the same way, and `uni-gpu` keeps HoVer-Net's defaults."""
+    from cellseg.evaluation.inference import SAVED_PARAMS
+    from cellseg.evaluation.postprocess import PostprocessParams
     from cellseg.training.config import load_config
     from cellseg.training.loop import train
     from tests.conftest import TINY
 
-    assert load_config("local", 1).boundary_threshold == 0.55
-    assert load_config("uni-gpu", 1).boundary_threshold == 0.4  # the UNI path is unchanged
+    def chosen(params_or_config) -> dict:
+        return {k: getattr(params_or_config, k) for k in SAVED_PARAMS}
+
+    uni, default = load_config("uni-gpu", 1), PostprocessParams()
+    assert chosen(uni) == chosen(default)  # the UNI path is unchanged
+    local = load_config("local", 1)
+    assert chosen(local) != chosen(default) and local.markers == "slope"
     train(1, dataset, tmp_path / "a", load_config("local", 1, [*TINY, "epochs=1"]))
-    other = load_config("local", 1, [*TINY, "epochs=1", "boundary_threshold=0.4"])
+    other = load_config("local", 1, [*TINY, "epochs=1", "markers=sobel", "merge_touching=[]"])
     train(1, dataset, tmp_path / "b", other)
-    assert (
-        Predictor.from_checkpoint(tmp_path / "a" / "best_phase1.pt").params.boundary_threshold
-        == 0.55
-    )
-    assert (
-        Predictor.from_checkpoint(tmp_path / "b" / "best_phase1.pt").params.boundary_threshold
-        == 0.4
-    )
+    a = Predictor.from_checkpoint(tmp_path / "a" / "best_phase1.pt").params
+    b = Predictor.from_checkpoint(tmp_path / "b" / "best_phase1.pt").params
+    assert chosen(a) == chosen(local)
+    assert (b.markers, b.merge_touching, b.np_threshold) == ("sobel", (), local.np_threshold)

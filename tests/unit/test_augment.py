@@ -25,8 +25,7 @@ def test_augmented_samples_keep_instances_classes_and_recomputed_hv_consistent(
     }
     images = set()
     for epoch in range(8):
-        ds.set_epoch(epoch)
-        s = ds[0]
+        s = ds[epoch, 0]
         assert s["image"].shape == (3, 64, 96) and s["hv"].shape == (2, 64, 96)
         inst = (s["np"] > 0).numpy()
         nc = s["nc"].numpy()
@@ -40,8 +39,7 @@ def test_augmented_samples_keep_instances_classes_and_recomputed_hv_consistent(
         images.add(s["image"].numpy().tobytes())
     assert len(images) == 8  # a different view each epoch
     # The same (seed, epoch, index) gives the same sample: resumable, rank-independent.
-    ds.set_epoch(5)
-    a, b = ds[0], ds[0]
+    a, b = ds[5, 0], ds[5, 0]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -61,3 +59,59 @@ def test_hv_targets_are_recomputed_from_the_augmented_instance_map(dataset, monk
     assert seen["instance"].shape == (64, 96)  # after augmentation, at the output size
     assert np.array_equal(sample["hv"].numpy(), hv_maps(seen["instance"]))
     assert np.array_equal(sample["np"].numpy(), (seen["instance"] > 0).astype(np.int64))
+
+
+def test_training_crops_keep_the_inference_scale(dataset, monkeypatch):
+    """Crops are cut at ``image_size``'s scale (jittered by at most CROP_SCALE_JITTER), where
+    whole-frame training zooms in: a cell lying wholly inside a crop keeps its area."""
+    import cv2
+
+    import cellseg.training.dataset as dataset_module
+    from cellseg.training.augment import CROP_SCALE_JITTER
+
+    captured = []
+    real = dataset_module.hv_maps
+    monkeypatch.setattr(dataset_module, "hv_maps", lambda m: captured.append(m.copy()) or real(m))
+    size, crop = (64, 96), 48
+    ds = CellDataset(dataset, "train", size, augment=True, seed=0, crop=crop)
+    stem = split_files(dataset, "train")[0]
+    full = load_arrays(dataset / "targets" / f"{stem}.npz")["instance"]
+    at_inference = cv2.resize(full, size[::-1], interpolation=cv2.INTER_NEAREST)
+    area = np.bincount(at_inference.ravel())
+    ratios = []
+    for epoch in range(12):
+        s = ds[epoch, 0]
+        assert s["image"].shape == (3, crop, crop) and s["hv"].shape == (2, crop, crop)
+        inst = captured[-1]
+        edge = np.unique(np.concatenate([inst[0], inst[-1], inst[:, 0], inst[:, -1]]))
+        for i in np.setdiff1d(np.unique(inst[inst > 0]), edge):
+            ratios.append((inst == i).sum() / area[i])
+    assert ratios  # some cells lay wholly inside a crop
+    bound = CROP_SCALE_JITTER**2 * 1.1 * 1.25  # scale, aspect 0.9-1.1, nearest-neighbour edges
+    assert 1 / bound < min(ratios) and max(ratios) < bound
+
+
+def test_crop_windows_fit_jitter_and_focus_on_the_weighted_classes():
+    from cellseg.training.augment import CROP_SCALE_JITTER, crop_window
+
+    classes = np.zeros((120, 160), np.uint8)
+    classes[10:60, 10:60] = 1  # a red cell
+    classes[100:106, 140:146] = 3  # a platelet in a corner
+    rng = np.random.default_rng(0)
+
+    def windows(n, focus, weights):
+        return [crop_window(classes, 40, rng, focus, weights) for _ in range(n)]
+
+    for rows, cols in windows(200, 0.5, (0.05, 0.5, 5.0, 8.0)):
+        side = rows.stop - rows.start
+        assert side == cols.stop - cols.start  # square
+        assert 40 / CROP_SCALE_JITTER - 1 <= side <= 40 * CROP_SCALE_JITTER + 1
+        assert rows.start >= 0 and rows.stop <= 120 and cols.start >= 0 and cols.stop <= 160
+
+    def platelet_share(focus, weights):
+        return np.mean([(classes[w] == 3).any() for w in windows(300, focus, weights)])
+
+    assert platelet_share(1.0, (0, 0, 0, 1)) == 1.0  # every focused window holds the platelet
+    uniform = platelet_share(0.0, (0.05, 0.5, 5.0, 8.0))
+    focused = platelet_share(1.0, (0.05, 0.5, 5.0, 8.0))
+    assert uniform < 0.2 and focused > 0.8  # 8 / (0.5 + 8) of the focused windows, and chance

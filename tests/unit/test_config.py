@@ -21,8 +21,10 @@ def test_profiles_resolve_per_phase_with_the_notebooks_settings():
 
 
 def test_overrides_are_typed():
-    c = load_config("local", 1, ["epochs=3", "lr=0.01", "image_size=64,96", "compile=true"])
-    assert (c.epochs, c.lr, c.image_size, c.compile) == (3, 0.01, (64, 96), True)
+    c = load_config(
+        "local", 1, ["epochs=3", "lr=0.01", "image_size=64,96", "train_crop=48", "compile=true"]
+    )
+    assert (c.epochs, c.lr, c.image_size, c.train_crop, c.compile) == (3, 0.01, (64, 96), 48, True)
     assert load_config("local", 1, ["weights=null"]).weights is None
 
 
@@ -36,6 +38,8 @@ def test_overrides_are_typed():
         (["compile=maybe"], "compile='maybe': Input should be a valid boolean"),
         (["device=gpu"], "device='gpu': Input should be 'auto', 'cpu' or 'cuda'"),
         (["epochs"], "expected key=value"),
+        (["train_crop=24"], "train_crop=24: Input should be a multiple of 16"),
+        (["image_size=64,96", "train_crop=96"], "train_crop=96: Value error, a crop must fit"),
     ],
 )
 def test_bad_overrides_are_clear_errors(overrides, message):

@@ -2,33 +2,76 @@
 
 Masks (instance, class, ignore) are resampled nearest-neighbour; HV maps are not augmented but
 recomputed from the augmented instance map (``cellseg.training.targets.hv_maps``).
+
+Training samples are whole frames (zoomed in by up to 1.7x) or square crops cut at the inference
+scale (:func:`crop_window`), optionally placed on the rarer classes' cells.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
-def build_transform(image_size: tuple[int, int], augment: bool):
-    """An ``albumentations.Compose`` producing ``image_size`` (H, W) images.
+import numpy as np
+
+CROP_SCALE_JITTER = 1.15  # crops see cells up to 15% smaller or larger than inference does
+
+
+def build_transform(image_size: tuple[int, int], augment: bool, crop: int = 0):
+    """An ``albumentations.Compose`` producing ``image_size`` (H, W) images, or ``crop`` x
+    ``crop`` images from windows that :func:`crop_window` cut.
 
     Args:
         augment: random flips, 90° rotations, scale/crop and colour/stain jitter; otherwise a
             plain resize (validation, evaluation).
+        crop: with ``augment``, the side of the training crops; 0: whole frames.
     """
     import albumentations as A  # only the training and evaluation images need it
 
     h, w = image_size
     if not augment:
         return A.Compose([A.Resize(h, w)])
+    flips = [A.RandomRotate90(), A.HorizontalFlip(), A.VerticalFlip()]
+    colour = [
+        A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.0, p=0.8),
+        A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=15, val_shift_limit=8, p=0.5),
+    ]
+    if crop:
+        return A.Compose([A.Resize(crop, crop), *flips, *colour])
     aspect = w / h
-    return A.Compose(
-        [
-            A.RandomRotate90(),
-            A.HorizontalFlip(),
-            A.VerticalFlip(),
-            A.RandomResizedCrop(
-                size=(h, w), scale=(0.35, 1.0), ratio=(aspect * 0.8, aspect * 1.25)
-            ),
-            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.0, p=0.8),
-            A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=15, val_shift_limit=8, p=0.5),
-        ]
+    zoomed = A.RandomResizedCrop(
+        size=(h, w), scale=(0.35, 1.0), ratio=(aspect * 0.8, aspect * 1.25)
     )
+    return A.Compose([*flips, zoomed, *colour])
+
+
+def crop_window(
+    classes: np.ndarray,
+    side: float,
+    rng: np.random.Generator,
+    focus: float = 0.0,
+    class_weights: Sequence[float] = (),
+) -> tuple[slice, slice]:
+    """A square window of about ``side`` pixels (scale-jittered by ``CROP_SCALE_JITTER``) of an
+    image whose class map is ``classes``, as (rows, cols).
+
+    With probability ``focus`` the window holds a random pixel of a class drawn among the cell
+    classes present with ``class_weights`` (indexed by class id): nnU-Net's foreground
+    oversampling, so the rare classes are seen often enough to be learnt. Otherwise it lies
+    anywhere, uniformly.
+    """
+    height, width = classes.shape
+    side = int(
+        min(height, width, round(side * rng.uniform(1 / CROP_SCALE_JITTER, CROP_SCALE_JITTER)))
+    )
+    top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
+    present = np.unique(classes)
+    present = present[present > 0]
+    if len(present) and rng.random() < focus:
+        weights = np.asarray(class_weights, np.float64)[present]
+        cls = rng.choice(present, p=weights / weights.sum())
+        ys, xs = np.nonzero(classes == cls)
+        k = rng.integers(len(ys))
+        # the chosen pixel lands anywhere in the window, so focused cells are not always central
+        top = int(np.clip(ys[k] - rng.integers(0, side), 0, height - side))
+        left = int(np.clip(xs[k] - rng.integers(0, side), 0, width - side))
+    return slice(top, top + side), slice(left, left + side)

@@ -13,9 +13,18 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.dataclasses import dataclass
 
+from cellseg.classes import CLASS_NAMES
 from cellseg.errors import ConfigError
 
 
@@ -25,6 +34,7 @@ def _pair(value):
 
 
 Side = Annotated[int, Field(gt=0, multiple_of=16)]
+ClassName = Literal[CLASS_NAMES]  # the tuple's items
 
 
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -34,6 +44,10 @@ class TrainConfig:
     weights: str | None = None  # None: random init; "default", an hf-hub: id or a local file
     decoder_width: Annotated[int, Field(ge=0, multiple_of=16)] = 0  # 0: the backbone entry's
     image_size: Annotated[tuple[Side, Side], BeforeValidator(_pair)] = (240, 320)  # (H, W)
+    # training samples: 0 = whole frames; N = N x N crops at the inference scale, a share
+    # crop_focus of them placed on a cell drawn by the class weights (training/augment.py)
+    train_crop: Annotated[int, Field(ge=0, multiple_of=16)] = 0
+    crop_focus: Annotated[float, Field(ge=0, le=1)] = 0.0
     # optimisation
     epochs: Annotated[int, Field(ge=0)] = 10
     batch_size: Annotated[int, Field(ge=1)] = 4  # per process
@@ -57,8 +71,20 @@ class TrainConfig:
     limit_train_images: Annotated[int, Field(ge=0)] = 0  # 0 = all; for quick tries
     limit_val_images: Annotated[int, Field(ge=0)] = 0
     # inference (saved with the checkpoint, read by the predictor's post-processing)
-    boundary_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.4  # HV Sobel energy = boundary
+    np_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5  # cell probability = foreground
+    markers: Literal["sobel", "slope"] = "sobel"  # watershed markers (evaluation/postprocess.py)
+    min_marker_area: Annotated[int, Field(ge=1)] = 10  # pixels, at the working resolution
+    boundary_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.4  # sobel: energy = boundary
+    merge_touching: tuple[ClassName, ...] = ()  # classes whose cells lie apart (postprocess.py)
     border_score: Annotated[float, Field(gt=0, le=1)] = 1.0  # score factor, cells on the edge
+
+    @field_validator("train_crop")
+    @classmethod
+    def _crop_fits(cls, crop: int, info: ValidationInfo) -> int:
+        size = info.data.get("image_size")
+        if size and crop > min(size):
+            raise ValueError(f"a crop must fit the image_size {list(size)}")
+        return crop
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -114,9 +140,9 @@ def load_config(profile: str | Path, phase: int, overrides: list[str] = ()) -> T
 
 
 def config_to_dict(config: TrainConfig) -> dict:
+    """Plain YAML-safe values (tuples as lists)."""
     d = dataclasses.asdict(config)
-    d["image_size"] = list(config.image_size)
-    return d
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def config_from_dict(values: dict) -> TrainConfig:

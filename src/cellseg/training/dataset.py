@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data.distributed import DistributedSampler
 
 from cellseg.data.arrays import load_sample
-from cellseg.data.manifest import split_files
-from cellseg.training.augment import build_transform
+from cellseg.data.manifest import native_size, split_files
+from cellseg.training.augment import build_transform, crop_window
+from cellseg.training.losses import CLASS_WEIGHTS
 from cellseg.training.targets import hv_maps
 
 
@@ -32,11 +34,34 @@ def worker_init(_worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """A :class:`DistributedSampler`'s indices as ``(epoch, index)``: the epoch travels with
+    each index, so loader workers stay alive across epochs (a new worker per epoch costs
+    seconds on a CPU) and still augment each epoch differently."""
+
+    def __init__(self, sampler: DistributedSampler):
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class CellDataset(torch.utils.data.Dataset):
-    """Samples of one split, resized (and, for training, augmented) to ``image_size``.
+    """Samples of one split, resized (and, for training, augmented) to ``image_size``, or
+    ``crop`` x ``crop`` training crops at that scale, a share ``crop_focus`` of them placed on
+    a cell drawn by the loss's class weights (:func:`~cellseg.training.augment.crop_window`).
 
     Augmentation is seeded from (``seed``, epoch, index), so a sample is the same whichever
     worker or rank draws it, and a resumed run sees exactly what an uninterrupted one would.
+    Items are ``(epoch, index)`` pairs (:class:`EpochSampler` draws them); a bare index is
+    epoch 0.
     """
 
     def __init__(
@@ -47,22 +72,30 @@ class CellDataset(torch.utils.data.Dataset):
         augment: bool,
         limit: int = 0,
         seed: int = 0,
+        crop: int = 0,
+        crop_focus: float = 0.0,
     ):
         self.root = Path(root)
         self.files = split_files(self.root, split, limit)
-        self.transform = build_transform(image_size, augment)
+        self.transform = build_transform(image_size, augment, crop)
         self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        # a crop's side in the stored (native) pixels: the crop is cut at the inference scale
+        self.crop_native = crop * native_size(self.root)[0] / image_size[0] if augment else 0
+        self.crop_focus = crop_focus
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = item if isinstance(item, tuple) else (0, item)
         sample = load_sample(self.root, self.files[index])
-        seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+        seed = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]
+        if self.crop_native:
+            rng = np.random.default_rng(seed)
+            window = crop_window(
+                sample["classes"], self.crop_native, rng, self.crop_focus, CLASS_WEIGHTS
+            )
+            sample = {name: array[window] for name, array in sample.items()}
         self.transform.set_random_seed(int(seed))
         out = self.transform(
             image=sample["image"],

@@ -39,7 +39,7 @@ from cellseg.model.checkpoint import (
 from cellseg.model.factory import CellSegModel, create_model
 from cellseg.model.lora import add_lora
 from cellseg.training.config import TrainConfig, config_to_dict
-from cellseg.training.dataset import CellDataset, worker_init
+from cellseg.training.dataset import CellDataset, EpochSampler, worker_init
 from cellseg.training.distributed import (
     World,
     all_reduce_sum,
@@ -97,9 +97,8 @@ class Run:
     stopper: EarlyStopping
     state: TrainState
     meta: CheckpointMeta
-    train_set: CellDataset
     train_loader: DataLoader
-    train_sampler: DistributedSampler
+    train_sampler: EpochSampler
     val_loader: DataLoader
     tracker: object | None = None
 
@@ -192,8 +191,10 @@ def autocast(config: TrainConfig, device: torch.device):
 
 
 def make_loader(dataset, world: World, config: TrainConfig, shuffle: bool, seed: int):
-    sampler = DistributedSampler(
-        dataset, num_replicas=world.world_size, rank=world.rank, shuffle=shuffle, seed=seed
+    sampler = EpochSampler(
+        DistributedSampler(
+            dataset, num_replicas=world.world_size, rank=world.rank, shuffle=shuffle, seed=seed
+        )
     )
     loader = DataLoader(
         dataset,
@@ -201,7 +202,7 @@ def make_loader(dataset, world: World, config: TrainConfig, shuffle: bool, seed:
         sampler=sampler,
         num_workers=config.num_workers,
         pin_memory=world.device.type == "cuda",
-        persistent_workers=False,  # workers re-read the dataset's epoch each epoch
+        persistent_workers=config.num_workers > 0,
         worker_init_fn=worker_init,
     )
     return loader, sampler
@@ -259,7 +260,6 @@ def run_epoch(run: Run, loader: DataLoader, training: bool, desc: str) -> dict[s
 def train_epoch(run: Run) -> dict[str, float]:
     epoch = run.state.epoch
     run.train_sampler.set_epoch(epoch)
-    run.train_set.set_epoch(epoch)
     desc = f"phase {run.phase} epoch {epoch + 1}/{run.config.epochs}"
     return run_epoch(run, run.train_loader, True, desc)
 
@@ -294,14 +294,21 @@ def restore(run: Run, ckpt: dict) -> None:
 
 
 def build_data(data: Path, config: TrainConfig, world: World):
-    """The training set, its loader and sampler, and the validation loader."""
+    """The training loader and its sampler, and the validation loader."""
     train_set = CellDataset(
-        data, "train", config.image_size, True, config.limit_train_images, config.seed
+        data,
+        "train",
+        config.image_size,
+        True,
+        config.limit_train_images,
+        config.seed,
+        config.train_crop,
+        config.crop_focus,
     )
     val_set = CellDataset(data, "val", config.image_size, False, config.limit_val_images)
     train_loader, train_sampler = make_loader(train_set, world, config, True, config.seed)
     val_loader, _ = make_loader(val_set, world, config, False, config.seed)
-    return train_set, train_loader, train_sampler, val_loader
+    return train_loader, train_sampler, val_loader
 
 
 def build_optimization(model: CellSegModel, phase: int, config: TrainConfig, batches: int):
@@ -339,7 +346,7 @@ def setup_run(phase, data, out, config, init, tracker, world: World) -> Run:
         if world.is_main:
             print(f"phase 2: starting from {source} (epoch {start['epoch']})", file=sys.stderr)
     model.to(world.device)
-    train_set, train_loader, train_sampler, val_loader = build_data(data, config, world)
+    train_loader, train_sampler, val_loader = build_data(data, config, world)
     optimizer, scheduler = build_optimization(model, phase, config, len(train_loader))
     train_model = DistributedDataParallel(model) if world.distributed else model
     if config.compile:
@@ -356,7 +363,6 @@ def setup_run(phase, data, out, config, init, tracker, world: World) -> Run:
         stopper=EarlyStopping(config.patience, config.min_delta),
         state=TrainState(),
         meta=checkpoint_meta(model, phase, config, data),
-        train_set=train_set,
         train_loader=train_loader,
         train_sampler=train_sampler,
         val_loader=val_loader,

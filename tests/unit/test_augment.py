@@ -115,3 +115,24 @@ def test_crop_windows_fit_jitter_and_focus_on_the_weighted_classes():
     uniform = platelet_share(0.0, (0.05, 0.5, 5.0, 8.0))
     focused = platelet_share(1.0, (0.05, 0.5, 5.0, 8.0))
     assert uniform < 0.2 and focused > 0.8  # 8 / (0.5 + 8) of the focused windows, and chance
+
+
+def test_persistent_loader_workers_see_each_new_epoch(dataset):
+    """Workers outlive epochs; the sampler hands them the epoch with every index, so epoch 1
+    is augmented anew, exactly as the dataset itself draws (seed, epoch, index)."""
+    from cellseg.training.config import load_config
+    from cellseg.training.distributed import World
+    from cellseg.training.loop import make_loader
+    from tests.conftest import TINY
+
+    config = load_config("local", 1, [*TINY, "num_workers=1", "batch_size=1"])
+    ds = CellDataset(dataset, "train", (64, 96), augment=True, seed=0, crop=48)
+    loader, sampler = make_loader(ds, World(0, 1, 0, torch.device("cpu")), config, False, 0)
+    assert loader.persistent_workers
+    seen = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        seen.append([batch["image"][0] for batch in loader])
+    assert not torch.equal(seen[0][0], seen[1][0])
+    for epoch in (0, 1):
+        assert all(torch.equal(img, ds[epoch, i]["image"]) for i, img in enumerate(seen[epoch]))

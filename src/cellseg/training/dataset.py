@@ -80,7 +80,9 @@ class CellDataset(torch.utils.data.Dataset):
         self.transform = build_transform(image_size, augment, crop)
         self.seed = seed
         # a crop's side in the stored (native) pixels: the crop is cut at the inference scale
-        self.crop_native = crop * native_size(self.root)[0] / image_size[0] if augment else 0
+        self.crop_native = (
+            crop * native_size(self.root)[0] / image_size[0] if augment and crop else 0
+        )
         self.crop_focus = crop_focus
 
     def __len__(self) -> int:

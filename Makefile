@@ -112,8 +112,9 @@ push: setup ## Push the image built by `make images` to REGISTRY
 	$(BIN)/python -m cellseg.ops.images push --tag $(IMAGE_REF) $(if $(CONTAINER_ENGINE),--engine $(CONTAINER_ENGINE))
 
 base-image: ## A local stand-in base (Debian bookworm minbase, Python 3.11) for offline builds: $(LOCAL_BASE)
+	@mkdir -p $(OUT)  # mmdebstrap refuses a target whose folder is missing (a clean clone has no out/)
 	mmdebstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates,passwd \
-		bookworm $(OUT)/base.tar "deb http://deb.debian.org/debian bookworm main" \
+		bookworm $(abspath $(OUT))/base.tar "deb http://deb.debian.org/debian bookworm main" \
 		"deb http://deb.debian.org/debian bookworm-updates main" \
 		"deb http://deb.debian.org/debian-security bookworm-security main"
 	ctr=$$(buildah from scratch) && mnt=$$(buildah mount $$ctr) && tar -xf $(OUT)/base.tar -C $$mnt \

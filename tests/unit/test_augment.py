@@ -136,3 +136,20 @@ def test_persistent_loader_workers_see_each_new_epoch(dataset):
     assert not torch.equal(seen[0][0], seen[1][0])
     for epoch in (0, 1):
         assert all(torch.equal(img, ds[epoch, i]["image"]) for i, img in enumerate(seen[epoch]))
+
+
+def test_samples_are_shrunk_as_inference_shrinks_images(dataset):
+    """Training and validation see the pixels the Predictor feeds the network: INTER_AREA when
+    shrinking (linear resampling aliases the stain texture at 0.4x)."""
+    import cv2
+
+    from cellseg.data.arrays import load_sample
+
+    size = (64, 96)
+    ds = CellDataset(dataset, "val", size, augment=False)
+    raw = load_sample(dataset, ds.files[0])["image"]
+    expected = cv2.resize(raw, size[::-1], interpolation=cv2.INTER_AREA)
+    got = (ds[0]["image"].numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    assert np.array_equal(got, expected)
+    linear = cv2.resize(raw, size[::-1], interpolation=cv2.INTER_LINEAR)
+    assert not np.array_equal(got, linear)  # the two differ on this image, so the check bites

@@ -70,7 +70,7 @@ def crop_window(
         min(height, width, round(side * rng.uniform(1 / CROP_SCALE_JITTER, CROP_SCALE_JITTER)))
     )
     top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
-    present = np.unique(classes)
+    present = np.flatnonzero(np.bincount(classes.ravel()))  # np.unique sorts: 5x slower
     present = present[present > 0]
     if len(present) and rng.random() < focus:
         weights = np.asarray(class_weights, np.float64)[present]

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from cellseg.data.arrays import load_arrays
@@ -153,3 +154,28 @@ def test_samples_are_shrunk_as_inference_shrinks_images(dataset):
     assert np.array_equal(got, expected)
     linear = cv2.resize(raw, size[::-1], interpolation=cv2.INTER_LINEAR)
     assert not np.array_equal(got, linear)  # the two differ on this image, so the check bites
+
+
+@pytest.mark.timeout(120)
+def test_loader_workers_start_after_the_parent_used_opencv_threads(dataset):
+    """A parent that ran OpenCV's thread pool (evaluation, earlier tests) still gets working
+    workers: a worker that changed its OpenCV thread count after the fork hung for good."""
+    import cv2
+
+    from cellseg.training.config import load_config
+    from cellseg.training.distributed import World
+    from cellseg.training.loop import make_loader
+    from tests.conftest import TINY
+
+    threads = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        for _ in range(20):  # start the pool
+            cv2.GaussianBlur(np.random.rand(2000, 2000).astype(np.float32), (0, 0), 5)
+        config = load_config("local", 1, [*TINY, "num_workers=1", "batch_size=2"])
+        ds = CellDataset(dataset, "train", (64, 96), augment=True, crop=48)
+        loader, _ = make_loader(ds, World(0, 1, 0, torch.device("cpu")), config, False, 0)
+        assert sum(len(batch["image"]) for batch in loader) == len(ds)
+        assert cv2.getNumThreads() == 1  # what the forked workers inherit
+    finally:
+        cv2.setNumThreads(threads)

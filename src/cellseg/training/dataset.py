@@ -26,9 +26,14 @@ def to_tensors(image: np.ndarray, instance: np.ndarray, classes: np.ndarray, ign
     }
 
 
-def worker_init(_worker_id: int) -> None:
-    """DataLoader workers: one OpenCV thread each (torch already uses one), so loading does
-    not compete with the training step for cores."""
+def single_threaded_opencv() -> None:
+    """One OpenCV thread for this process and the DataLoader workers it forks (torch gives
+    them one thread already), so loading does not compete with the training step for cores.
+
+    Call it in the parent before the workers start: changing the count inside a forked worker
+    hangs for good once the parent has used OpenCV's thread pool (the pthreads backend joins
+    threads that do not exist in the child).
+    """
     import cv2
 
     cv2.setNumThreads(1)

@@ -39,7 +39,7 @@ from cellseg.model.checkpoint import (
 from cellseg.model.factory import CellSegModel, create_model
 from cellseg.model.lora import add_lora
 from cellseg.training.config import TrainConfig, config_to_dict
-from cellseg.training.dataset import CellDataset, EpochSampler, worker_init
+from cellseg.training.dataset import CellDataset, EpochSampler, single_threaded_opencv
 from cellseg.training.distributed import (
     World,
     all_reduce_sum,
@@ -196,6 +196,8 @@ def make_loader(dataset, world: World, config: TrainConfig, shuffle: bool, seed:
             dataset, num_replicas=world.world_size, rank=world.rank, shuffle=shuffle, seed=seed
         )
     )
+    if config.num_workers:
+        single_threaded_opencv()  # the workers do all OpenCV work of training
     loader = DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -203,7 +205,6 @@ def make_loader(dataset, world: World, config: TrainConfig, shuffle: bool, seed:
         num_workers=config.num_workers,
         pin_memory=world.device.type == "cuda",
         persistent_workers=config.num_workers > 0,
-        worker_init_fn=worker_init,
     )
     return loader, sampler
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import cv2
@@ -15,17 +15,12 @@ from cellseg.errors import InputError
 from cellseg.evaluation.postprocess import Instances, PostprocessParams, postprocess
 from cellseg.model.checkpoint import model_from_checkpoint
 from cellseg.model.factory import CellSegModel
+from cellseg.training.config import FIELDS as CONFIG_FIELDS
 
 MAX_PIXELS = 4096 * 4096
-# the post-processing settings a checkpoint's training config carries
-SAVED_PARAMS = (
-    "np_threshold",
-    "markers",
-    "min_marker_area",
-    "boundary_threshold",
-    "merge_touching",
-    "border_score",
-)
+# the post-processing settings a checkpoint's training config carries: every one that is
+# also a config key, so a key added to both travels without another list to keep in step
+SAVED_PARAMS = tuple(f.name for f in fields(PostprocessParams) if f.name in CONFIG_FIELDS)
 
 
 def as_rgb_uint8(image: np.ndarray) -> np.ndarray:

@@ -104,12 +104,12 @@ lock: setup ## Re-resolve requirements.lock from pyproject.toml (needs network)
 
 LOCAL_BASE ?= localhost/debian-python:3.11
 images: setup ## Build the project image (docker, else podman, else buildah; CONTAINER_ENGINE=, BASE_IMAGE=) and print its figures
-	$(BIN)/python -m cellseg.ops.images build --tag $(IMAGE_REF) $(if $(BASE_IMAGE),--base $(BASE_IMAGE)) \
+	$(BIN)/python -m cellseg.cluster.images build --tag $(IMAGE_REF) $(if $(BASE_IMAGE),--base $(BASE_IMAGE)) \
 		$(if $(CONTAINER_ENGINE),--engine $(CONTAINER_ENGINE))
 	@echo "next: make push  (then make compile IMAGE=$(IMAGE_REF), or IMAGE=$(IMAGE_REF) make pipeline-run)"
 
 push: setup ## Push the image built by `make images` to REGISTRY
-	$(BIN)/python -m cellseg.ops.images push --tag $(IMAGE_REF) $(if $(CONTAINER_ENGINE),--engine $(CONTAINER_ENGINE))
+	$(BIN)/python -m cellseg.cluster.images push --tag $(IMAGE_REF) $(if $(CONTAINER_ENGINE),--engine $(CONTAINER_ENGINE))
 
 base-image: ## A local stand-in base (Debian bookworm minbase, Python 3.11) for offline builds: $(LOCAL_BASE)
 	@mkdir -p $(OUT)  # mmdebstrap refuses a target whose folder is missing (a clean clone has no out/)

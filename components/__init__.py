@@ -4,6 +4,6 @@ A component body imports ``cellseg`` when it runs, inside the project image; at 
 only kfp and the cluster settings (no torch) are imported.
 """
 
-from cellseg.ops.cluster import IMAGE
+from cellseg.cluster.names import IMAGE
 
 __all__ = ["IMAGE"]

@@ -9,7 +9,7 @@ retraining run must retrain).
 
 from kfp import dsl, kubernetes
 
-from cellseg.ops import cluster
+from cellseg.cluster import names as cluster
 from components.convert.component import convert
 from components.data_version.component import data_version
 from components.evaluate.component import evaluate

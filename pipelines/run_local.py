@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from cellseg.ops.local_containers import docker_api
+from cellseg.cluster.local_containers import docker_api
 from cellseg.ops.steps import data_version_step
 from cellseg.ops.tracking import default_tracking_uri
 from pipelines.cellseg_pipeline import cellseg_pipeline
@@ -96,7 +96,7 @@ def in_containers(image: str, source: Path, mlflow_uri: str, pipeline_root: Path
 
     from kfp import components
 
-    from cellseg.ops.local_containers import docker_runner
+    from cellseg.cluster.local_containers import docker_runner
     from pipelines.compile import compile_pipeline
 
     binds = {source: True}

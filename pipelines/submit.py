@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cellseg.cluster.names import IMAGE
 from cellseg.data.source import read_dvc_pointer
-from cellseg.ops.cluster import IMAGE
 from pipelines.cellseg_pipeline import PIPELINE_NAME
 from pipelines.compile import compile_pipeline
 

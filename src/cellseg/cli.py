@@ -107,8 +107,8 @@ def tolerations_from(specs: list[str]) -> tuple[dict, ...]:
 def cmd_launch(args: argparse.Namespace) -> None:
     import yaml
 
-    from cellseg.ops.jobs import JobSpec, build_job, job_name
-    from cellseg.ops.launch import run_job
+    from cellseg.cluster.jobs import JobSpec, build_job, job_name
+    from cellseg.cluster.launch import run_job
     from cellseg.ops.steps import TrainRequest, train_args
 
     request = TrainRequest(phase=args.phase, profile=args.profile, overrides=tuple(args.set))
@@ -183,7 +183,7 @@ def add_model_commands(sub) -> None:
 
 
 def add_ops_commands(sub) -> None:
-    from cellseg.ops import cluster  # constants only
+    from cellseg.cluster import names as cluster  # constants only
 
     register = sub.add_parser("register", help="register a model in MLflow (challenger + gate)")
     register.add_argument("--model", type=Path, required=True, help="checkpoint or folder")

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
+from cellseg.cluster.jobs import ENGINES, JobSpec, build_job
+from cellseg.cluster.launch import JobRunner
 from cellseg.errors import JobFailed
-from cellseg.ops.jobs import ENGINES, JobSpec, build_job
-from cellseg.ops.launch import JobRunner
 from tests.cluster.conftest import NAMESPACE, PIPELINE_SA
 
 pytestmark = pytest.mark.cluster

@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cellseg.ops import cluster
+from cellseg.cluster import names as cluster
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -132,8 +132,8 @@ def test_shared_volumes_are_read_write_many(objects):
 
 def test_the_training_runtime_mounts_what_the_pytorchjob_mounts(objects):
     """The TrainingRuntime (YAML) and the PyTorchJob builder (code) describe the same pods:
-    same volumes, mounts, service account and security, from the names in cellseg.ops.cluster."""
-    from cellseg.ops.jobs import CONTAINER_SECURITY, POD_SECURITY, VOLUME_MOUNTS, pod_volumes
+    same volumes, mounts, service account and security, from the names in cellseg.cluster.names."""
+    from cellseg.cluster.jobs import CONTAINER_SECURITY, POD_SECURITY, VOLUME_MOUNTS, pod_volumes
 
     (runtime,) = [o for o in objects if o["kind"] == "TrainingRuntime"]
     (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]

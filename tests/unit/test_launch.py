@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from cellseg.ops.jobs import (
+from cellseg.cluster.jobs import (
     QUEUE_LABEL,
     JobSpec,
     build_pytorchjob,

@@ -1,1 +1,1 @@
-"""Stage 5, operations: pipeline steps, MLflow tracking and registry, cluster jobs, comparisons."""
+"""Stage 5, operations: pipeline steps, MLflow tracking and registry, serving, comparisons."""

@@ -14,9 +14,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cellseg.cluster import names as cluster
 from cellseg.errors import DataError, TrainingError
 from cellseg.model.checkpoint import BEST, checkpoint_path, find_checkpoint
-from cellseg.ops import cluster, tracking
+from cellseg.ops import tracking
 
 
 def data_version_step(source: str, expected_md5: str = "") -> str:
@@ -156,8 +157,8 @@ def train_step(
 def run_on_cluster(
     request: TrainRequest, args: list[str], pipeline_run_id: str, mlflow_uri: str | None
 ) -> None:
-    from cellseg.ops.jobs import JobSpec, job_name
-    from cellseg.ops.launch import run_job
+    from cellseg.cluster.jobs import JobSpec, job_name
+    from cellseg.cluster.launch import run_job
 
     spec = JobSpec(
         name=job_name(pipeline_run_id, request.phase),

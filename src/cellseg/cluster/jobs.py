@@ -22,7 +22,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from cellseg.ops import cluster
+from cellseg.cluster import names as cluster
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KEY_ANNOTATION = "cellseg.kfp/job-key"  # what a retried step compares to adopt a job

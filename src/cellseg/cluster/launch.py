@@ -1,4 +1,4 @@
-"""Submit a training job (``cellseg.ops.jobs``) and wait for it, with bounded loops throughout.
+"""Submit a training job (``cellseg.cluster.jobs``) and wait for it, with bounded loops throughout.
 
 Waiting uses a watch on the job from its ``resourceVersion``: a watch that expires (410 Gone)
 or a connection that drops is re-synced with a fresh read, never fatal. A job Kueue holds
@@ -15,8 +15,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from cellseg.cluster.jobs import ENGINES, KEY_ANNOTATION, QUEUE_LABEL, Engine, JobSpec, build_job
 from cellseg.errors import JobFailed
-from cellseg.ops.jobs import ENGINES, KEY_ANNOTATION, QUEUE_LABEL, Engine, JobSpec, build_job
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,13 @@
-"""The DAG: data-version -> convert -> Phase 1 -> Phase 2 -> evaluate -> register -> promote.
+"""The DAG: data-version -> convert -> Phase 1 -> Phase 2 -> evaluate -> register -> promote,
+with score-champion (the current champion on this run's test split) beside training, feeding the
+gate in register.
 
 The GPU step (evaluation) gets the accelerator type and limit, the node selector and the
 tolerations. Training steps launch PyTorchJobs (Master + Workers) that get the GPUs, the node
 selector and the tolerations; the steps themselves only wait, on CPU. Other steps ask for CPU
 and memory only. Conversion is cached on the data md5; training and evaluation never are (a
-retraining run must retrain).
+retraining run must retrain). Every step that talks to MLflow reads its credential from the
+``cellseg-mlflow-auth`` Secret when there is one (the mlflow-team overlay's basic-auth).
 """
 
 from kfp import dsl, kubernetes
@@ -15,6 +18,7 @@ from components.data_version.component import data_version
 from components.evaluate.component import evaluate
 from components.promote.component import promote
 from components.register.component import register
+from components.score_champion.component import score_champion
 from components.train.component import train
 
 PIPELINE_NAME = "cellseg"
@@ -25,6 +29,21 @@ def on_gpu(task: dsl.PipelineTask, gpus, node_selector, tolerations) -> dsl.Pipe
     task.set_cpu_request("4").set_memory_request("32G").set_memory_limit("64G")
     kubernetes.add_node_selector_json(task, node_selector)
     kubernetes.add_toleration_json(task, tolerations)
+    return task
+
+
+def with_mlflow_credential(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """MLFLOW_TRACKING_USERNAME/PASSWORD from the Secret, if the namespace has it (optional: a
+    server without authentication needs none)."""
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=cluster.MLFLOW_AUTH_SECRET,
+        secret_key_to_env={
+            "username": "MLFLOW_TRACKING_USERNAME",
+            "password": "MLFLOW_TRACKING_PASSWORD",
+        },
+        optional=True,
+    )
     return task
 
 
@@ -98,10 +117,15 @@ def cellseg_pipeline(
             task, pvc_name=cluster.CHECKPOINTS_PVC, mount_path=cluster.CHECKPOINTS_MOUNT
         )
     on_gpu(scores, gpus_per_node, node_selector, tolerations).set_caching_options(False)
+    champion = score_champion(
+        dataset=dataset, pipeline_run_id=run_id, run_tags=run_tags, mlflow_uri=mlflow_uri
+    )
+    on_gpu(champion, gpus_per_node, node_selector, tolerations).set_caching_options(False)
     gate = on_cpu(
         register(
             model=phase2.outputs["model"],
             report_files=scores.outputs["report_files"],
+            baseline=champion.outputs["baseline"],
             dataset=dataset,
             pipeline_run_id=run_id,
             run_tags=run_tags,
@@ -111,6 +135,7 @@ def cellseg_pipeline(
         )
     ).set_caching_options(False)
     with dsl.If(gate.outputs["Output"] == True, name="promotion-gate"):  # noqa: E712
-        on_cpu(
-            promote(registered=gate.outputs["registered"], mlflow_uri=mlflow_uri)
-        ).set_caching_options(False)
+        moved = promote(registered=gate.outputs["registered"], mlflow_uri=mlflow_uri)
+        on_cpu(moved).set_caching_options(False)
+    for task in (phase1, phase2, scores, champion, gate, moved):
+        with_mlflow_credential(task)

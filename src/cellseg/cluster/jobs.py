@@ -127,6 +127,10 @@ def _env(spec: JobSpec) -> list[dict]:
     ]
     if spec.mlflow_uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": spec.mlflow_uri})
+        for key, name in (("username", "MLFLOW_TRACKING_USERNAME"),
+                          ("password", "MLFLOW_TRACKING_PASSWORD")):  # fmt: skip
+            ref = {"name": cluster.MLFLOW_AUTH_SECRET, "key": key, "optional": True}
+            env.append({"name": name, "valueFrom": {"secretKeyRef": ref}})
     return env
 
 

@@ -17,3 +17,5 @@ HF_CACHE_PVC, HF_CACHE_MOUNT = "cellseg-hf-cache", "/cache/huggingface"
 HF_TOKEN_SECRET = "cellseg-hf-token"  # key HF_TOKEN; optional (UNI is gated)
 TRAIN_SERVICE_ACCOUNT = "cellseg-train"  # the training pods' account: no API rights
 MLFLOW_URI = "http://mlflow.cellseg.svc.cluster.local:5000"
+# keys username, password; optional (the mlflow-team overlay's basic-auth server needs it)
+MLFLOW_AUTH_SECRET = "cellseg-mlflow-auth"

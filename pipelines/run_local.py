@@ -148,9 +148,11 @@ def summary(run_dir: Path, mlflow_uri: str) -> str:
     lines.append(f"  {'':<28} {'challenger':>12} {'champion':>20}")
     lines += [f"  {what:<28} {new:>12} {old:>20}" for what, new, old in side_by_side(reg)]
     promote = run_dir / "promote" / "executor_output.json"
-    if reg["promote"] and promote.is_file() and not executor_output(run_dir, "promote").get(
-        "parameterValues", {}
-    ).get("Output", True):
+    if (
+        reg["promote"]
+        and promote.is_file()
+        and not executor_output(run_dir, "promote").get("parameterValues", {}).get("Output", True)
+    ):
         lines.append(f"  promote: {CHAMPION_MOVED}: kept as challenger")
     lines += [
         "",

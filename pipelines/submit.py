@@ -45,9 +45,7 @@ def check_cron(expression: str) -> str:
             duration = rest.strip()
             if duration and GO_DURATION.sub("", duration) == "":
                 return expression
-            raise ScheduleError(
-                f"{expression!r}: @every takes a Go duration such as 168h or 1h30m"
-            )
+            raise ScheduleError(f"{expression!r}: @every takes a Go duration such as 168h or 1h30m")
         if head in DESCRIPTORS and not rest:
             return expression
         raise ScheduleError(

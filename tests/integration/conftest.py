@@ -59,7 +59,8 @@ def postgres():
     try:
         subprocess.run([*run, str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port),
                         "-U", "mlflow", "mlflow"], check=True, capture_output=True)  # fmt: skip
-        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+        # psycopg2 named: SQLAlchemy 2.1 defaults to psycopg 3, which is not a dependency
+        yield f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow"
     finally:
         subprocess.run([*run, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w",
                         "stop"], capture_output=True)  # fmt: skip

@@ -49,7 +49,9 @@ def test_the_descriptors_kfps_scheduler_takes_are_accepted(expression):
     assert submit.check_cron(expression) == expression
 
 
-@pytest.mark.parametrize("expression", ["@fortnightly", "@every", "@every 7d", "@every h", "@weekly 3"])
+@pytest.mark.parametrize(
+    "expression", ["@fortnightly", "@every", "@every 7d", "@every h", "@weekly 3"]
+)
 def test_a_wrong_descriptor_is_refused(expression):
     with pytest.raises(submit.ScheduleError):
         submit.check_cron(expression)

@@ -229,7 +229,8 @@ def promotion_lock(client, name: str, timeout: float = 120.0, stale_after: float
                     client.delete_registered_model(lock)
                 continue
             if time.monotonic() > deadline:
-                raise PromotionError(f"{lock} held by another step for over {timeout:.0f} s")
+                msg = f"{lock} held by another step for over {timeout:.0f} s"
+                raise PromotionError(msg) from None
             time.sleep(0.1 + random.random() * 0.2)
     try:
         yield

@@ -216,7 +216,9 @@ def score_champion_step(
         baseline.write(Path(out))
         tracker.set_tags({"cellseg.champion_version": baseline.version or "none"})
         if baseline.metrics:
-            tracker.log_metrics({f"champion_{k}": v for k, v in flat_metrics(baseline.metrics).items()})
+            tracker.log_metrics(
+                {f"champion_{k}": v for k, v in flat_metrics(baseline.metrics).items()}
+            )
         elif baseline.error:
             tracker.set_tags({"cellseg.champion_error": baseline.error})
     print(baseline.describe())

@@ -53,12 +53,15 @@ def write_revision(bccd: Path, dest: Path, splits: dict[str, list[str]]) -> None
 
 def dvc_add(repo: Path, dvc: str) -> str:
     """``dvc add data/BCCD``, its pointer kept as the project keeps it (data.dvc at the root,
-    path data/BCCD); ``dvc status`` then checks the pointer against the files. Returns the md5."""
+    path data/BCCD: the first time it is moved there, later DVC updates it in place); ``dvc
+    status`` then checks the pointer against the files. Returns the pointer's md5."""
     sh(dvc, "add", "-q", "data/BCCD", cwd=repo)
-    pointer = yaml.safe_load((repo / "data" / "BCCD.dvc").read_text())
-    pointer["outs"][0]["path"] = "data/BCCD"
-    (repo / "data.dvc").write_text(yaml.safe_dump(pointer, sort_keys=False))
-    (repo / "data" / "BCCD.dvc").unlink()
+    created = repo / "data" / "BCCD.dvc"
+    if created.is_file():
+        pointer = yaml.safe_load(created.read_text())
+        pointer["outs"][0]["path"] = "data/BCCD"
+        (repo / "data.dvc").write_text(yaml.safe_dump(pointer, sort_keys=False))
+        created.unlink()
     status = sh(dvc, "status", "data.dvc", cwd=repo)
     assert "changed" not in status and "not in cache" not in status, status
     return read_dvc_pointer(repo / "data.dvc").md5
@@ -91,7 +94,7 @@ def test_a_new_data_revision_retrains_rescores_the_champion_and_gates_like_with_
     reg1 = registered(run1)
     assert reg1["promote"] and reg1["champion_version"] == ""  # the first model
     client = mlflow.MlflowClient(uri)
-    assert client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version == reg1["version"]
+    assert str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version) == reg1["version"]
 
     # revision 2 (the held-out images back): a new md5; the scheduled run asks for none
     write_revision(bccd_source, source, full)
@@ -121,7 +124,7 @@ def test_a_new_data_revision_retrains_rescores_the_champion_and_gates_like_with_
     tags = client.get_model_version(MODEL_NAME, reg2["version"]).tags
     assert tags["gate.data_md5"] == md5_2 and tags["gate.champion_version"] == reg1["version"]
     assert float(tags["gate.champion_test_pq"]) == pytest.approx(baseline["metrics"]["pq"])
-    champion = client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version
+    champion = str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version)
     assert champion == (reg2["version"] if reg2["promote"] else reg1["version"])
     text = summary(run2, uri)
     assert f"v{reg1['version']}" in text and f"v{reg2['version']}" in text

@@ -201,3 +201,14 @@ def test_a_retry_has_the_same_job_key_and_another_image_does_not():
     retry = JobSpec(name="j", image="i:1", train_args=("--phase", "1", "--mlflow-run", "b"))
     other = JobSpec(name="j", image="i:2", train_args=("--phase", "1", "--mlflow-run", "a"))
     assert job_key(spec) == job_key(retry) != job_key(other)
+
+
+def test_training_pods_read_the_mlflow_credential_from_its_optional_secret():
+    spec = JobSpec(name="j", image="i", train_args=(), mlflow_uri="http://mlflow:5000")
+    pod = build_pytorchjob(spec)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    for name, key in (("MLFLOW_TRACKING_USERNAME", "username"),
+                      ("MLFLOW_TRACKING_PASSWORD", "password")):  # fmt: skip
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "cellseg-mlflow-auth", "key": key, "optional": True}
+        assert "value" not in env[name]  # never in the manifest itself

@@ -77,7 +77,7 @@ def test_register_alias_load_by_alias_and_predict_on_a_bccd_image(
         new_run(), checkpoint, fake_metrics(0.5), image[:64, :64], model_name
     )
     assert decision.promote and decision.reasons == ["first model: no champion yet"]
-    promote(version, model_name)
+    promote(version, "", model_name)
     client = mlflow.MlflowClient()
     assert client.get_model_version_by_alias(model_name, CHAMPION).version == version
     assert client.get_model_version_by_alias(model_name, CHALLENGER).version == version

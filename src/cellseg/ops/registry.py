@@ -173,13 +173,17 @@ def register(
     """Log and register a new version as ``challenger`` and decide (not yet move) ``champion``.
 
     Args:
-        baseline: the champion re-scored on this run's test split (:func:`score_champion`);
-            None = no champion was there when the run looked.
+        baseline: the champion re-scored on this run's test split
+            (:func:`cellseg.ops.baseline.score_champion`). None: there must be no champion
+            (if there is one, the gate keeps the new version: it was not compared).
     """
     import mlflow
 
-    baseline = baseline or Baseline()
     client = mlflow.MlflowClient()
+    if baseline is None:  # never compare with a stored tag: an unscored champion blocks the gate
+        current = champion_version(client, name)
+        baseline = Baseline(current, None, "not scored on this run's split") if current else None
+    baseline = baseline or Baseline()
     model_uri = log_model(run_id, checkpoint, example_image)
     version = str(mlflow.register_model(model_uri, name).version)
     tags = metric_tags(metrics)
@@ -239,7 +243,7 @@ def promotion_lock(client, name: str, timeout: float = 120.0, stale_after: float
 
 
 def promote(
-    version: str, compared_with: str = "", name: str = MODEL_NAME, force: bool = False
+    version: str, compared_with: str, name: str = MODEL_NAME, force: bool = False
 ) -> Decision:
     """Move ``champion`` to ``version`` if it still points to ``compared_with`` (the version the
     gate compared against; "" = none). Otherwise the new version stays challenger with the

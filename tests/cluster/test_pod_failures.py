@@ -151,3 +151,16 @@ def test_a_crash_loop_fails_with_exit_code_and_the_last_log_lines(installed, run
     assert f"pod {pod}: CrashLoopBackOff: container node keeps exiting (Error, exit code 1" in first
     assert "KeyError: 'lr'" in error  # the crashed container's last lines follow
     assert runner.get(name, NAMESPACE) is None
+
+
+def test_the_pipeline_account_may_read_what_the_launcher_watches(installed):
+    from tests.cluster.test_manifests_and_rbac import can_i
+
+    for verb in ("get", "list", "watch"):
+        assert can_i(installed, PIPELINE_SA, verb, "events", NAMESPACE), verb
+    for verb in ("get", "list"):
+        assert can_i(installed, PIPELINE_SA, verb, "workloads.kueue.x-k8s.io", NAMESPACE), verb
+    for resource in ("trainjobs.trainer.kubeflow.org", "pytorchjobs.kubeflow.org"):
+        assert can_i(installed, PIPELINE_SA, "patch", resource, NAMESPACE)  # to re-own on retry
+        assert not can_i(installed, PIPELINE_SA, "patch", resource, "default")
+    assert not can_i(installed, PIPELINE_SA, "create", "events", NAMESPACE)

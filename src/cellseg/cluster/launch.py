@@ -2,10 +2,13 @@
 
 Waiting uses a watch on the job from its ``resourceVersion``: a watch that expires (410 Gone)
 or a connection that drops is re-synced with a fresh read, never fatal. A job Kueue holds
-suspended is *queued*, not failed: the running timeout counts from admission, and a separate
-queue timeout says clearly that the job never left the queue. A retried step whose job already
-exists (409) adopts it when it is the same job (same ``cellseg.kfp/job-key``) and replaces it
-when it failed. A job the API server rejects is one line naming the field.
+suspended is *queued*, not failed: the running timeout counts from the last admission, a job
+suspended again after admission (preempted) is queued once more, and a separate queue timeout,
+from the last suspension, says clearly that the job never left the queue. While the job runs,
+its pods are read for failures only they show (:mod:`cellseg.cluster.pods`) and rank 0's log is
+streamed (:mod:`cellseg.cluster.logs`). A retried step whose job already exists (409) adopts it
+when it is the same job (same ``cellseg.kfp/job-key``) and replaces it when it failed. A job the
+API server rejects, or an engine whose CRD is missing, is one line. SIGTERM deletes the job.
 """
 
 from __future__ import annotations

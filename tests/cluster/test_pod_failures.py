@@ -158,8 +158,6 @@ def test_the_pipeline_account_may_read_what_the_launcher_watches(installed):
 
     for verb in ("get", "list", "watch"):
         assert can_i(installed, PIPELINE_SA, verb, "events", NAMESPACE), verb
-    for verb in ("get", "list"):
-        assert can_i(installed, PIPELINE_SA, verb, "workloads.kueue.x-k8s.io", NAMESPACE), verb
     for resource in ("trainjobs.trainer.kubeflow.org", "pytorchjobs.kubeflow.org"):
         assert can_i(installed, PIPELINE_SA, "patch", resource, NAMESPACE)  # to re-own on retry
         assert not can_i(installed, PIPELINE_SA, "patch", resource, "default")

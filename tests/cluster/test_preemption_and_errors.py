@@ -144,3 +144,12 @@ def test_cpu_memory_and_shm_per_node_reach_the_server(installed, engine):
     assert '"cpu": "30"' in text and '"memory": "200Gi"' in text
     assert '"sizeLimit": "48Gi"' in text  # the TrainJob's through its runtime patch
     r.delete(name, NAMESPACE)
+
+
+def test_the_pipeline_account_may_read_kueue_workloads(kueue_workloads):
+    from tests.cluster.test_manifests_and_rbac import can_i
+
+    for verb in ("get", "list"):
+        assert can_i(kueue_workloads, PIPELINE_SA, verb, "workloads.kueue.x-k8s.io", NAMESPACE)
+        assert not can_i(kueue_workloads, PIPELINE_SA, verb, "workloads.kueue.x-k8s.io", "default")
+    assert not can_i(kueue_workloads, PIPELINE_SA, "update", "workloads.kueue.x-k8s.io", NAMESPACE)

@@ -76,3 +76,14 @@ def test_follower_drops_lines_it_printed_before_a_reconnect_and_keeps_partial_on
             follower._feed(chunk)
         follower._reset()
     assert out == ["one", "two"]  # the cut "tw" comes again whole, "one" only once
+
+
+def test_an_image_pull_names_the_registrys_answer_not_the_kubelets_echo():
+    events = [
+        {"reason": "Failed", "message": 'Failed to pull image "reg/x:typo": manifest unknown',
+         "lastTimestamp": "2026-12-02T11:50:00Z"},
+        {"reason": "Failed", "message": "Error: ImagePullBackOff",
+         "lastTimestamp": "2026-12-02T11:55:00Z"},
+    ]  # fmt: skip
+    stuck = pod([scheduled("2026-12-02T11:00:00Z")], [pulling()])
+    assert pod_failure(stuck, events, NOW, LIMITS).detail.endswith("manifest unknown")

@@ -232,7 +232,7 @@ class JobRunner:
             parts.append(f"--- {pod.metadata.name} ---\n" + "\n".join(lines))
         return "\n".join(parts)
 
-    def pod_failure(self, pods: list, namespace: str) -> str | None:
+    def stuck_pod(self, pods: list, namespace: str) -> str | None:
         """The first pod stuck for good (:mod:`cellseg.cluster.pods`) as one line, followed by
         the crashed container's last log lines; None while every pod may still make progress."""
         if not pods:
@@ -389,7 +389,7 @@ class JobRunner:
                         f"{what} not finished {timeout_seconds:.0f} s after admission; deleted"
                     )
                 pods = self._pods(name, namespace)
-                stuck = self.pod_failure(pods, namespace)
+                stuck = self.stuck_pod(pods, namespace)
                 if stuck is not None:
                     self.delete(name, namespace)
                     first, _, tail = stuck.partition("\n")

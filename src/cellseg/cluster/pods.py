@@ -80,7 +80,9 @@ def container_failure(pod: str, status: dict, events: list[dict], scheduled_at: 
         since = scheduled_at if scheduled_at is not None else now
         if now - since < limits.image_pull_grace_seconds:
             return None
-        pulled = _latest_event(events, ("Failed",)).get("message") or waiting.get("message", "")
+        # the kubelet's "Failed to pull image ...: <registry's answer>", not its "Error: <reason>"
+        pulls = [e for e in events if (e.get("message") or "").startswith("Failed to pull image")]
+        pulled = _latest_event(pulls, ("Failed",)).get("message") or waiting.get("message", "")
         waited = f"{now - since:.0f} s"
         return PodFailure(pod, reason, f"cannot pull image {image} for {waited}: "
                           f"{_one_line(pulled)}".rstrip(": "))  # fmt: skip

@@ -116,10 +116,19 @@ def test_rbac_allows_training_jobs_and_pod_logs_in_the_namespace_only(objects):
         for r in rule["resources"]
     }
     assert rules == {
-        ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "watch", "delete"},
-        ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete"},
+        ("trainer.kubeflow.org", "trainjobs"): {
+            "create",
+            "get",
+            "list",
+            "watch",
+            "patch",
+            "delete",
+        },
+        ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "patch", "delete"},
         ("", "pods"): {"get", "list", "watch"},
         ("", "pods/log"): {"get"},
+        ("", "events"): {"get", "list", "watch"},
+        ("kueue.x-k8s.io", "workloads"): {"get", "list"},
     }
     assert role["metadata"]["namespace"] == "cellseg"
 

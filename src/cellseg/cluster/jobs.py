@@ -75,6 +75,7 @@ class JobSpec:
     backoff_limit: int = 3
     timeout_seconds: int = 3 * 24 * 3600  # the job's deadline and the launcher's wait (running)
     ttl_seconds_after_finished: int = 7 * 24 * 3600
+    owner_pod: tuple[str, str] = ()  # (name, uid) of the step's pod: the job goes with it
 
     def __post_init__(self):
         if self.nodes < 1 or self.gpus_per_node < 1:
@@ -102,12 +103,18 @@ def _metadata(spec: JobSpec) -> dict:
     labels = {"app.kubernetes.io/part-of": "cellseg-kfp"}
     if spec.queue_name:
         labels[QUEUE_LABEL] = spec.queue_name
-    return {
+    metadata = {
         "name": spec.name,
         "namespace": spec.namespace,
         "labels": labels,
         "annotations": {KEY_ANNOTATION: job_key(spec)},
     }
+    if spec.owner_pod:  # Kubernetes' garbage collector deletes the job when this pod goes
+        name, uid = spec.owner_pod
+        metadata["ownerReferences"] = [
+            {"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}
+        ]
+    return metadata
 
 
 def _env(spec: JobSpec) -> list[dict]:
@@ -220,6 +227,7 @@ def build_trainjob(spec: JobSpec) -> dict:
     pod_patch = {
         "nodeSelector": dict(spec.node_selector),
         "tolerations": [dict(t) for t in spec.tolerations],
+        "volumes": [v for v in pod_volumes(spec.shm) if v["name"] == "dshm"],  # its size
     }
     node_patch = {"name": "node", "template": {"spec": {"template": {"spec": pod_patch}}}}
     job = {

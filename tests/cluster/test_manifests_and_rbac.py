@@ -99,3 +99,30 @@ def test_the_local_queue_is_kueue_v1beta2_and_accepted_by_kueue_0_19(installed):
         "get", "localqueues.v1beta2.kueue.x-k8s.io", name, "-n", "kueue-version", "-o", jsonpath
     )
     assert got.stdout == "gpu-cluster-queue"
+
+
+def test_the_runs_account_may_do_what_kfp_does_in_a_step_and_no_more(installed):
+    """cellseg-kfp-steps: Argo's task results, the kfp-launcher ConfigMap, one Secret by name.
+    (A SelfSubjectAccessReview as the account: kubectl's can-i needs Argo's CRD installed.)"""
+    from cellseg.cluster.doctor import _access, as_user
+
+    api = as_user(installed.client("admin"), PIPELINE_SA)
+
+    def may(verb, group, resource, namespace=NAMESPACE, name=""):
+        from kubernetes import client
+
+        attributes = client.V1ResourceAttributes(
+            namespace=namespace, group=group, resource=resource, verb=verb, name=name or None
+        )
+        review = client.V1SelfSubjectAccessReview(
+            spec=client.V1SelfSubjectAccessReviewSpec(resource_attributes=attributes)
+        )
+        answer = client.AuthorizationV1Api(api).create_self_subject_access_review(review)
+        return answer.status.allowed
+
+    assert _access(api, NAMESPACE, "argoproj.io", "workflowtaskresults", "", "create")
+    assert may("patch", "argoproj.io", "workflowtaskresults")
+    assert not may("create", "argoproj.io", "workflowtaskresults", namespace="default")
+    assert may("get", "", "configmaps", name="kfp-launcher")
+    assert may("get", "", "secrets", name="mlpipeline-minio-artifact")
+    assert not may("get", "", "secrets", name="cellseg-hf-token")

@@ -125,3 +125,17 @@ def test_every_pipeline_parameter_is_documented_in_the_readme(committed):
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name in committed[0]["root"]["inputDefinitions"]["parameters"]:
         assert f"`{name}`" in readme, name
+
+
+def test_the_steps_that_call_mlflow_read_its_optional_login(committed):
+    """Where MLflow authenticates (overlays/kubeflow) these steps log in; elsewhere the Secret
+    is absent and optional, so nothing changes."""
+    _, k8s = executors(committed)
+    with_login = {
+        name
+        for name, config in k8s.items()
+        for secret in config.get("secretAsEnv", [])
+        if secret["secretName"] == "cellseg-mlflow-auth" and secret["optional"]
+    }
+    assert with_login == {"exec-train", "exec-train-2", "exec-evaluate", "exec-register",
+                          "exec-promote"}  # fmt: skip

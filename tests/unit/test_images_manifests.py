@@ -157,10 +157,12 @@ def test_every_pod_template_stays_out_of_the_mesh_with_a_seccomp_profile(objects
     assert [p for o in described for p in mesh_and_seccomp_problems(o)] == []
 
 
-def test_a_bare_namespace_enforces_restricted_pod_security(objects):
+def test_a_bare_namespace_warns_and_audits_against_restricted(objects):
+    """Its pods comply (the pod templates above), so "restricted" is what it checks them by;
+    enforcing is left to the cluster (KFP's own step pods share the namespace)."""
     for ns in [o for o in objects if o["kind"] == "Namespace"]:
         labels = ns["metadata"]["labels"]
-        for mode in ("enforce", "warn", "audit"):
+        for mode in ("warn", "audit"):
             assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted", mode
 
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from cellseg.cluster import names as cluster
-from cellseg.cluster.jobs import ENGINES, TRAINING_RUNTIME
+from cellseg.cluster.jobs import ENGINES
+from cellseg.cluster.jobs import TRAINING_RUNTIME as RUNTIME
 
 KFP_MINIMUM = (2, 5, 0)  # nodeSelectorJson, tolerationJson, pvcNameParameter in the spec
 KUEUE = ("kueue.x-k8s.io", "v1beta2")  # served from Kueue v0.16; runtimePatches from v0.17
@@ -75,6 +76,18 @@ def _forbidden(requirement: str, what: str, err: Exception) -> Result:
     )
 
 
+def _read(call: Callable, requirement: str, what: str, missing: Result):
+    """``(call(), None)``, or ``(None, a Result)``: ``missing`` on 404, a warning on 403."""
+    try:
+        return call(), None
+    except Exception as err:
+        if _status(err) == 404:
+            return None, missing
+        if _status(err) == 403:
+            return None, _forbidden(requirement, what, err)
+        raise
+
+
 def check_engine_crd(api, s: Settings) -> Result:
     from kubernetes import client
 
@@ -82,17 +95,14 @@ def check_engine_crd(api, s: Settings) -> Result:
     name = f"{engine.plural}.{engine.group}"
     requirement = f"{engine.kind} CRD {name} {engine.version}"
     install = f"install {MINIMUM[s.engine]} or later"
-    try:
-        response = client.ApiextensionsV1Api(api).read_custom_resource_definition(
-            name, _preload_content=False
-        )
-        crd = json.loads(response.data)
-    except Exception as err:
-        if _status(err) == 404:
-            return Result(requirement, False, "not installed", fix=install)
-        if _status(err) == 403:
-            return _forbidden(requirement, "CustomResourceDefinitions", err)
-        raise
+    read = client.ApiextensionsV1Api(api).read_custom_resource_definition
+    response, failed = _read(
+        lambda: read(name, _preload_content=False), requirement, "CustomResourceDefinitions",
+        Result(requirement, False, "not installed", fix=install),
+    )  # fmt: skip
+    if failed:
+        return failed
+    crd = json.loads(response.data)
     versions = {v["name"]: v for v in crd["spec"]["versions"]}
     version = versions.get(engine.version)
     if not version or not version.get("served"):
@@ -117,18 +127,16 @@ def check_training_runtime(api, s: Settings) -> Result | None:
 
     if s.engine != "trainjob":
         return None
-    requirement = f"TrainingRuntime {s.namespace}/{TRAINING_RUNTIME}"
+    requirement = f"TrainingRuntime {s.namespace}/{RUNTIME}"
     engine = ENGINES["trainjob"]
-    try:
-        runtime = client.CustomObjectsApi(api).get_namespaced_custom_object(
-            engine.group, engine.version, s.namespace, "trainingruntimes", TRAINING_RUNTIME
-        )
-    except Exception as err:
-        if _status(err) == 404:
-            return Result(requirement, False, "missing", fix=f"{DEPLOY} (components/trainer-v2)")
-        if _status(err) == 403:
-            return _forbidden(requirement, "TrainingRuntimes", err)
-        raise
+    get = client.CustomObjectsApi(api).get_namespaced_custom_object
+    runtime, failed = _read(
+        lambda: get(engine.group, engine.version, s.namespace, "trainingruntimes", RUNTIME),
+        requirement, "TrainingRuntimes",
+        Result(requirement, False, "missing", fix=f"{DEPLOY} (components/trainer-v2)"),
+    )  # fmt: skip
+    if failed:
+        return failed
     jobs = [j.get("name") for j in runtime["spec"]["template"]["spec"].get("replicatedJobs", [])]
     if "node" not in jobs:  # the launcher's runtimePatches address this job by name
         return Result(requirement, False, f"no replicated job 'node' ({jobs})", fix=DEPLOY)
@@ -142,16 +150,14 @@ def check_volumes(api, s: Settings) -> list[Result]:
     results = []
     for claim in (cluster.DATASETS_PVC, cluster.CHECKPOINTS_PVC, cluster.HF_CACHE_PVC):
         requirement = f"PersistentVolumeClaim {s.namespace}/{claim}"
-        try:
-            pvc = core.read_namespaced_persistent_volume_claim(claim, s.namespace)
-        except Exception as err:
-            if _status(err) == 404:
-                results.append(Result(requirement, False, "missing", fix=DEPLOY))
-                continue
-            if _status(err) == 403:
-                results.append(_forbidden(requirement, "PersistentVolumeClaims", err))
-                continue
-            raise
+        pvc, failed = _read(
+            lambda c=claim: core.read_namespaced_persistent_volume_claim(c, s.namespace),
+            requirement, "PersistentVolumeClaims",
+            Result(requirement, False, "missing", fix=DEPLOY),
+        )  # fmt: skip
+        if failed:
+            results.append(failed)
+            continue
         phase = (pvc.status and pvc.status.phase) or "Pending"
         modes = pvc.spec.access_modes or []
         if "ReadWriteMany" not in modes:
@@ -186,14 +192,13 @@ def check_hf_secret(api, s: Settings) -> Result:
         f"kubectl -n {s.namespace} create secret generic {cluster.HF_TOKEN_SECRET} "
         "--from-literal=HF_TOKEN=hf_... (UNI is gated; the uni-gpu profile needs it)"
     )
-    try:
-        secret = client.CoreV1Api(api).read_namespaced_secret(cluster.HF_TOKEN_SECRET, s.namespace)
-    except Exception as err:
-        if _status(err) == 404:
-            return Result(requirement, False, "missing", fix=fix)
-        if _status(err) == 403:
-            return _forbidden(requirement, "Secrets", err)
-        raise
+    read = client.CoreV1Api(api).read_namespaced_secret
+    secret, failed = _read(
+        lambda: read(cluster.HF_TOKEN_SECRET, s.namespace), requirement, "Secrets",
+        Result(requirement, False, "missing", fix=fix),
+    )  # fmt: skip
+    if failed:
+        return failed
     if not (secret.data or {}).get("HF_TOKEN"):
         return Result(requirement, False, "has no HF_TOKEN key", fix=fix)
     return Result(requirement, True, "present")
@@ -279,44 +284,28 @@ def check_queue(api, s: Settings) -> list[Result]:
     custom = client.CustomObjectsApi(api)
     group, version = KUEUE
     requirement = f"LocalQueue {s.namespace}/{s.queue_name} ({group}/{version})"
-    try:
-        queue = custom.get_namespaced_custom_object(
+    queue, failed = _read(
+        lambda: custom.get_namespaced_custom_object(
             group, version, s.namespace, "localqueues", s.queue_name
-        )
-    except Exception as err:
-        if _status(err) == 403:
-            return [_forbidden(requirement, "LocalQueues", err)]
-        if _status(err) != 404:
-            raise
-        return [
-            Result(
-                requirement,
-                False,
-                "missing (or Kueue older than v0.16 serves no v1beta2)",
-                fix=f"{DEPLOY} (the kueue overlay); Kueue v0.17 or later",
-            )
-        ]
-    results = [Result(requirement, True, f"present, ClusterQueue {queue['spec']['clusterQueue']}")]
+        ),
+        requirement, "LocalQueues",
+        Result(requirement, False, "missing (or Kueue older than v0.16 serves no v1beta2)",
+               fix=f"{DEPLOY} (the kueue overlay); Kueue v0.17 or later"),
+    )  # fmt: skip
+    if failed:
+        return [failed]
     cq = queue["spec"]["clusterQueue"]
     cq_requirement = f"ClusterQueue {cq}"
-    try:
-        custom.get_cluster_custom_object(group, version, "clusterqueues", cq)
-        results.append(Result(cq_requirement, True, "present"))
-    except Exception as err:
-        if _status(err) == 404:
-            results.append(
-                Result(
-                    cq_requirement,
-                    False,
-                    "missing: nothing is ever admitted",
-                    fix="ask the platform team, or point the LocalQueue at theirs",
-                )
-            )
-        elif _status(err) == 403:
-            results.append(_forbidden(cq_requirement, "ClusterQueues", err))
-        else:
-            raise
-    return results
+    _, cq_failed = _read(
+        lambda: custom.get_cluster_custom_object(group, version, "clusterqueues", cq),
+        cq_requirement, "ClusterQueues",
+        Result(cq_requirement, False, "missing: nothing is ever admitted",
+               fix="ask the platform team, or point the LocalQueue at theirs"),
+    )  # fmt: skip
+    return [
+        Result(requirement, True, f"present, ClusterQueue {cq}"),
+        cq_failed or Result(cq_requirement, True, "present"),
+    ]
 
 
 def _get(url: str, headers: dict | None = None, timeout: float = 10) -> tuple[int, str]:

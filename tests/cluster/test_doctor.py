@@ -57,6 +57,8 @@ def test_a_bare_namespace_fails_and_each_missing_piece_is_named(installed, mlflo
     assert missing[f"PersistentVolumeClaim doctor-bare/{cluster.CHECKPOINTS_PVC}"] == "missing"
     rbac = missing["RBAC: what the launcher does, as cellseg-pipeline in doctor-bare"]
     assert "create trainjobs.trainer.kubeflow.org" in rbac and "get pods/log" in rbac
+    steps = missing["RBAC: what KFP does in a step, as cellseg-pipeline in doctor-bare"]
+    assert "create workflowtaskresults.argoproj.io" in steps
     passed = {r.requirement for r in results if r.ok}
     assert "TrainJob CRD trainjobs.trainer.kubeflow.org v1alpha1" in passed  # with runtimePatches
     assert f"MLflow {mlflow_uri}/health" in passed

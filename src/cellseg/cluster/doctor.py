@@ -232,47 +232,49 @@ def as_user(api, user: str):
     return client.ApiClient(api.configuration, header_name="Impersonate-User", header_value=user)
 
 
+# what Argo's executor and KFP's driver/launcher do in a step's pod (kfp-steps-rbac.yaml)
+STEP_PERMISSIONS = [
+    ("argoproj.io", "workflowtaskresults", "", "create"),
+    ("argoproj.io", "workflowtaskresults", "", "patch"),
+    ("", "configmaps", "", "get"),
+]
+
+
+def _show(permission: tuple[str, str, str, str]) -> str:
+    group, resource, sub, verb = permission
+    name = f"{resource}/{sub}" if sub else resource
+    return f"{verb} {name}.{group}" if group else f"{verb} {name}"
+
+
 def check_rbac(api, s: Settings) -> list[Result]:
     account = s.pipeline_account
     who = account.rsplit(":", 1)[-1] if account else "you"
-    requirement = f"RBAC: what the launcher does, as {who} in {s.namespace}"
-    results = []
     reviewer = as_user(api, account) if account else api
-    needed = launcher_permissions(s.engine)
+    results = []
     try:
-        denied = [p for p in needed if not _access(reviewer, s.namespace, *p)]
+        _access(reviewer, s.namespace, "", "pods", "", "get")
     except Exception as err:
         if not account or _status(err) != 403:
             raise
-        results.append(
-            Result(
-                f"RBAC as {who}",
-                False,
-                f"may not impersonate {account}; checked as you instead",
-                fix="run `make doctor` as a cluster admin to check the pipeline's account",
-                blocker=False,
-            )
-        )
-        requirement = f"RBAC: what the launcher does, as you in {s.namespace}"
-        denied = [p for p in needed if not _access(api, s.namespace, *p)]
-
-    def show(p):
-        group, resource, sub, verb = p
-        name = f"{resource}/{sub}" if sub else resource
-        return f"{verb} {name}.{group}" if group else f"{verb} {name}"
-
-    if denied:
-        missing = ", ".join(show(p) for p in denied)
-        results.append(
-            Result(
-                requirement,
-                False,
-                f"denied: {missing}",
-                fix=f"{DEPLOY} (manifests/base/rbac.yaml binds {who})",
-            )
-        )
-    else:
-        results.append(Result(requirement, True, ", ".join(show(p) for p in needed)))
+        results.append(Result(
+            f"RBAC as {who}", False, f"may not impersonate {account}; checked as you instead",
+            fix="run `make doctor` as a cluster admin to check the pipeline's account",
+            blocker=False,
+        ))  # fmt: skip
+        who, reviewer = "you", api
+    needs = (
+        ("what the launcher does", launcher_permissions(s.engine), "rbac.yaml"),
+        ("what KFP does in a step", STEP_PERMISSIONS, "kfp-steps-rbac.yaml"),
+    )
+    for what, permissions, manifest in needs:
+        requirement = f"RBAC: {what}, as {who} in {s.namespace}"
+        denied = [p for p in permissions if not _access(reviewer, s.namespace, *p)]
+        if denied:
+            detail = "denied: " + ", ".join(map(_show, denied))
+            fix = f"{DEPLOY} (manifests/base/{manifest} binds {who})"
+            results.append(Result(requirement, False, detail, fix=fix))
+        else:
+            results.append(Result(requirement, True, ", ".join(map(_show, permissions))))
     return results
 
 

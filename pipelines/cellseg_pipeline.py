@@ -28,6 +28,12 @@ def on_gpu(task: dsl.PipelineTask, gpus, node_selector, tolerations) -> dsl.Pipe
     return task
 
 
+def mlflow_login(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """MLflow's credentials where it authenticates (overlays/kubeflow); none elsewhere."""
+    keys = {k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    return kubernetes.use_secret_as_env(task, cluster.MLFLOW_AUTH_SECRET, keys, optional=True)
+
+
 def on_cpu(task: dsl.PipelineTask, cpu: str = "1", memory: str = "4G") -> dsl.PipelineTask:
     return task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
 
@@ -121,6 +127,7 @@ def cellseg_pipeline(
         )
     ).set_caching_options(False)
     with dsl.If(gate.outputs["Output"] == True, name="promotion-gate"):  # noqa: E712
-        on_cpu(
-            promote(registered=gate.outputs["registered"], mlflow_uri=mlflow_uri)
-        ).set_caching_options(False)
+        promoted = on_cpu(promote(registered=gate.outputs["registered"], mlflow_uri=mlflow_uri))
+        promoted.set_caching_options(False)
+    for task in (phase1, phase2, scores, gate, promoted):  # the steps that call MLflow
+        mlflow_login(task)

@@ -149,3 +149,17 @@ def test_training_steps_retry_and_pass_their_pod_and_sizes(committed):
         executor = tasks[step]["componentRef"]["name"].replace("comp-", "exec-")
         env = {e["name"]: e["fieldPath"] for e in k8s[executor]["fieldPathAsEnv"]}
         assert env == {"POD_NAME": "metadata.name", "POD_UID": "metadata.uid"}
+
+
+def test_the_steps_that_call_mlflow_read_its_optional_login(committed):
+    """Where MLflow authenticates (overlays/kubeflow) these steps log in; elsewhere the Secret
+    is absent and optional, so nothing changes."""
+    _, k8s = executors(committed)
+    with_login = {
+        name
+        for name, config in k8s.items()
+        for secret in config.get("secretAsEnv", [])
+        if secret["secretName"] == "cellseg-mlflow-auth" and secret["optional"]
+    }
+    assert with_login == {"exec-train", "exec-train-2", "exec-evaluate", "exec-register",
+                          "exec-promote"}  # fmt: skip

@@ -14,15 +14,16 @@ import pytest
 from cellseg.cluster.jobs import ENGINES, build_job
 from cellseg.cluster.launch import JobRunner
 from cellseg.errors import JobFailed
-from tests.cluster.conftest import NAMESPACE, PIPELINE_SA, SCHEMAS
+from tests.cluster.conftest import NAMESPACE, PIPELINE_SA
 from tests.cluster.test_launcher import Operator, finish, launch_in_thread, spec
+from tests.crds import crd as schema
 
 pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
 def kueue_workloads(installed):
-    crd = SCHEMAS / "kueue.x-k8s.io_workloads.yaml"
+    crd = schema("kueue/kueue.x-k8s.io_workloads.yaml", k8s_120=True)
     created = installed.kubectl("create", "--validate=false", "-f", str(crd), check=False)
     assert created.returncode == 0 or "AlreadyExists" in created.stderr, created.stderr
     for _ in range(60):  # `kubectl wait` fails until the server has written any condition

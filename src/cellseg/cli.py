@@ -170,7 +170,7 @@ def add_model_commands(sub) -> None:
     evaluate.add_argument("--model", required=True, help="checkpoint, folder or MLflow URI")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--out", type=Path, required=True)
-    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     evaluate.add_argument("--limit", type=int, default=0, help="first N images only (0 = all)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
@@ -178,7 +178,7 @@ def add_model_commands(sub) -> None:
     predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="images or folders")
     predict.add_argument("--model", required=True, help="checkpoint, folder or MLflow URI")
     predict.add_argument("--out", type=Path, required=True)
-    predict.add_argument("--device", default="cpu")
+    predict.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     predict.set_defaults(handler=cmd_predict)
 
 

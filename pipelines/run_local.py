@@ -77,7 +77,6 @@ def run_pipeline(pipeline, source, md5, profile, overrides, processes, uri, forc
         profile=profile,
         overrides=list(overrides),
         gpus_per_node=processes,
-        checkpoint_root="",
         mlflow_uri=uri,
         force_promote=force_promote,
         run_tags={

@@ -141,6 +141,33 @@ def cmd_launch(args: argparse.Namespace) -> None:
     run_job(args.engine, spec, client.ApiClient(), args.queue_timeout_hours * 3600)
 
 
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from kubernetes import client, config
+
+    from cellseg.cluster.doctor import Settings, blockers, run_checks
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    settings = Settings(
+        namespace=args.namespace,
+        engine=args.engine,
+        queue_name=args.queue,
+        mlflow_uri=args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or Settings.mlflow_uri,
+        kfp_host=os.environ.get("KFP_HOST", ""),
+        kfp_token=os.environ.get("KFP_TOKEN", ""),
+        account=args.as_account,
+    )
+    results = run_checks(client.ApiClient(), settings)
+    for result in results:
+        print(result.line())
+    if failed := blockers(results):
+        raise CellsegError(f"{len(failed)} requirement(s) failed: " + "; ".join(
+            r.requirement for r in failed
+        ))  # fmt: skip
+
+
 def add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="obtain raw BCCD into data/BCCD and verify it (data.dvc)")
     data.add_argument("--mirror", help="local directory or archive (default: $BCCD_MIRROR)")
@@ -228,6 +255,19 @@ def add_ops_commands(sub) -> None:
     launch.add_argument("--timeout-hours", type=float, default=72.0, help="after admission")
     launch.add_argument("--queue-timeout-hours", type=float, default=168.0, help="while queued")
     launch.set_defaults(handler=cmd_launch)
+
+    doctor = sub.add_parser("doctor", help="check the cluster: one line per requirement")
+    doctor.add_argument("--namespace", default=cluster.NAMESPACE)
+    doctor.add_argument("--engine", choices=("pytorchjob", "trainjob"), default="pytorchjob")
+    doctor.add_argument("--queue", default="", help="the Kueue LocalQueue runs will use")
+    doctor.add_argument(
+        "--mlflow-uri", default="", help="default: $MLFLOW_TRACKING_URI, else in-cluster"
+    )
+    doctor.add_argument(
+        "--as", dest="as_account", default=None, metavar="USER",
+        help="whose rights to check (default: the pipeline's account; '' = yours)",
+    )  # fmt: skip
+    doctor.set_defaults(handler=cmd_doctor)
 
     compare = sub.add_parser("compare", help="compare pipeline runs and registry versions")
     compare.add_argument("--last", type=int, default=10, help="the last N pipeline runs")

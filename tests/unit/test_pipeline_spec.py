@@ -129,3 +129,41 @@ def test_every_pipeline_parameter_is_documented_in_the_readme(committed):
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name in committed[0]["root"]["inputDefinitions"]["parameters"]:
         assert f"`{name}`" in readme, name
+
+
+def test_training_steps_retry_and_pass_their_pod_and_sizes(committed):
+    pipeline, _ = committed
+    _, k8s = executors(committed)
+    tasks = pipeline["root"]["dag"]["tasks"]
+    defaults = pipeline["root"]["inputDefinitions"]["parameters"]
+    assert "checkpoint_root" not in defaults  # the mounts are fixed: no parameter pretends not
+    sizes = {"train_cpu_per_node": "8", "train_memory_per_node": "64Gi",
+             "train_shm_per_node": "16Gi"}  # fmt: skip
+    for name, value in sizes.items():
+        assert defaults[name]["defaultValue"] == value, name
+    for step in TRAINING_TASKS:
+        retry = tasks[step]["retryPolicy"]
+        assert retry["maxRetryCount"] == 2 and retry["backoffDuration"] == "120s"
+        assert retry["backoffFactor"] == 2.0
+        params = tasks[step]["inputs"]["parameters"]
+        assert params["memory_per_node"]["componentInputParameter"] == "train_memory_per_node"
+        assert params["pending_timeout_minutes"]["componentInputParameter"] == (
+            "pending_timeout_minutes"
+        )
+        executor = tasks[step]["componentRef"]["name"].replace("comp-", "exec-")
+        env = {e["name"]: e["fieldPath"] for e in k8s[executor]["fieldPathAsEnv"]}
+        assert env == {"POD_NAME": "metadata.name", "POD_UID": "metadata.uid"}
+
+
+def test_the_steps_that_call_mlflow_read_its_optional_login(committed):
+    """Where MLflow authenticates (overlays/kubeflow) these steps log in; elsewhere the Secret
+    is absent and optional, so nothing changes."""
+    _, k8s = executors(committed)
+    with_login = {
+        name
+        for name, config in k8s.items()
+        for secret in config.get("secretAsEnv", [])
+        if secret["secretName"] == "cellseg-mlflow-auth" and secret["optional"]
+    }
+    assert with_login == {"exec-train", "exec-train-2", "exec-evaluate", "exec-register",
+                          "exec-promote"}  # fmt: skip

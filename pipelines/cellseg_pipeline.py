@@ -10,6 +10,7 @@ retraining run must retrain).
 from kfp import dsl, kubernetes
 
 from cellseg.cluster import names as cluster
+from cellseg.data.manifest import FORMAT as DATASET_FORMAT
 from components.convert.component import convert
 from components.data_version.component import data_version
 from components.evaluate.component import evaluate
@@ -66,8 +67,10 @@ def cellseg_pipeline(
 ):
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
     version = on_cpu(data_version(source=source, expected_md5=data_md5)).set_caching_options(False)
-    data = on_cpu(convert(source=source, data_md5=version.output), "2", "8G")
-    data.set_caching_options(True)  # keyed on the data md5: new data, new conversion
+    converted = convert(source=source, data_md5=version.output, dataset_format=DATASET_FORMAT)
+    data = on_cpu(converted, "2", "8G")
+    # keyed on the data md5 and the converter's format: new data or converter, new conversion
+    data.set_caching_options(True)
     for task in (version, data):
         kubernetes.mount_pvc(task, pvc_name=cluster.DATASETS_PVC, mount_path=cluster.DATASETS_MOUNT)
     dataset = data.outputs["dataset"]

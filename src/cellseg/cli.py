@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from cellseg.errors import CellsegError
+from cellseg.threads import match_torch_threads
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -36,6 +37,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from cellseg.training.config import load_config
     from cellseg.training.loop import train
 
+    match_torch_threads()  # the cgroup's CPU quota, not the host's core count
     config = load_config(args.profile, args.phase, args.set)
     tracker = None
     if args.mlflow_run and os.environ.get("RANK", "0") == "0":  # rank 0 alone logs
@@ -53,6 +55,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from cellseg.evaluation.evaluate import evaluate
     from cellseg.ops.model_ref import load_predictor
 
+    match_torch_threads()  # the cgroup's CPU quota, not the host's core count
     predictor = load_predictor(args.model, args.device)
     metrics = evaluate(
         args.data, predictor, args.out, args.split, args.limit, model_name=args.model
@@ -65,6 +68,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from cellseg.evaluation.predict import predict
     from cellseg.ops.model_ref import load_predictor
 
+    match_torch_threads()  # the cgroup's CPU quota, not the host's core count
     failures = predict(args.inputs, load_predictor(args.model, args.device), args.out)
     if failures:
         raise CellsegError(f"{failures} file(s) failed (see above); the others are in {args.out}")
@@ -197,7 +201,7 @@ def add_model_commands(sub) -> None:
     evaluate.add_argument("--model", required=True, help="checkpoint, folder or MLflow URI")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--out", type=Path, required=True)
-    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     evaluate.add_argument("--limit", type=int, default=0, help="first N images only (0 = all)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
@@ -205,7 +209,7 @@ def add_model_commands(sub) -> None:
     predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="images or folders")
     predict.add_argument("--model", required=True, help="checkpoint, folder or MLflow URI")
     predict.add_argument("--out", type=Path, required=True)
-    predict.add_argument("--device", default="cpu")
+    predict.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     predict.set_defaults(handler=cmd_predict)
 
 

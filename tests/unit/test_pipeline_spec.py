@@ -8,6 +8,7 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from cellseg.data.manifest import FORMAT as DATASET_FORMAT
 from pipelines.compile import DEFAULT_OUTPUT, compile_pipeline
 
 
@@ -107,6 +108,9 @@ def test_only_conversion_is_cached(committed):
         tasks["convert"]["inputs"]["parameters"]["data_md5"]["taskOutputParameter"]["producerTask"]
         == "data-version"
     )
+    # a new converter (dataset format) misses the cache: old conversions are not reused
+    fmt = tasks["convert"]["inputs"]["parameters"]["dataset_format"]["runtimeValue"]["constant"]
+    assert fmt == DATASET_FORMAT
 
 
 def test_promotion_runs_under_the_gate(committed):

@@ -197,10 +197,15 @@ def evaluate_step(
 ) -> dict:
     from cellseg.evaluation.evaluate import evaluate
     from cellseg.ops.model_ref import load_predictor
+    from cellseg.threads import match_torch_threads
 
     with tracking.step_run("evaluate", pipeline_run_id, tags, mlflow_uri or None) as tracker:
-        metrics = evaluate(data, load_predictor(str(model)), out, model_name=str(model))
+        match_torch_threads()  # the pod's CPU limit, not the node's core count
+        predictor = load_predictor(str(model))  # auto: the GPU the step was given, if any
+        metrics = evaluate(data, predictor, out, model_name=str(model))
         tracker.log_metrics(flat_metrics(metrics))
+        if "chosen_phase" in metrics:
+            tracker.set_tags({"cellseg.chosen_phase": metrics["chosen_phase"]})
         tracker.log_artifact(Path(out), "report")
     return metrics
 

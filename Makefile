@@ -10,7 +10,8 @@ OUT ?= out
 PREVIEW ?= 4
 
 .PHONY: help setup data convert test lint format bench lock compile pipeline-run schedule \
-	unschedule compare serve mlflow-ui images push base-image deploy clean bench-gpu gpu-wheels quality
+	unschedule compare serve mlflow-ui images push base-image deploy clean bench-gpu gpu-wheels quality \
+	crds doctor
 
 CRON ?= 0 0 3 * * 1
 REGISTRY ?= registry.example.com/cellseg
@@ -123,7 +124,14 @@ base-image: ## A local stand-in base (Debian bookworm minbase, Python 3.11) for 
 	rm -f $(OUT)/base.tar
 	@echo "next: make images BASE_IMAGE=$(LOCAL_BASE)"
 
-deploy: setup ## Apply the cluster manifests (OVERLAY=generic-gpu|gke-h100) with kubectl
+crds: setup ## Download the pinned upstream CRDs the tests validate against (checksums) into ~/.cache/cellseg/crds
+	$(BIN)/python -m cellseg.cluster.crds
+
+doctor: setup ## Check the cluster against the requirements, one line each (ENGINE=trainjob, QUEUE=..., NAMESPACE=...)
+	$(BIN)/cellseg doctor $(if $(ENGINE),--engine $(ENGINE)) $(if $(QUEUE),--queue $(QUEUE)) \
+		$(if $(NAMESPACE),--namespace $(NAMESPACE))
+
+deploy: setup ## Apply the cluster manifests (OVERLAY=generic-gpu|gke-h100|kueue|kubeflow) with kubectl
 	$(BIN)/kubectl apply -k manifests/overlays/$(OVERLAY)
 
 clean: ## Remove outputs (keeps .venv and data/)

@@ -13,6 +13,7 @@ retraining run must retrain). Every step that talks to MLflow reads its credenti
 from kfp import dsl, kubernetes
 
 from cellseg.cluster import names as cluster
+from cellseg.data.manifest import FORMAT as DATASET_FORMAT
 from components.convert.component import convert
 from components.data_version.component import data_version
 from components.evaluate.component import evaluate
@@ -32,19 +33,10 @@ def on_gpu(task: dsl.PipelineTask, gpus, node_selector, tolerations) -> dsl.Pipe
     return task
 
 
-def with_mlflow_credential(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """MLFLOW_TRACKING_USERNAME/PASSWORD from the Secret, if the namespace has it (optional: a
-    server without authentication needs none)."""
-    kubernetes.use_secret_as_env(
-        task,
-        secret_name=cluster.MLFLOW_AUTH_SECRET,
-        secret_key_to_env={
-            "username": "MLFLOW_TRACKING_USERNAME",
-            "password": "MLFLOW_TRACKING_PASSWORD",
-        },
-        optional=True,
-    )
-    return task
+def mlflow_login(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """MLflow's credentials where it authenticates (overlays/kubeflow); none elsewhere."""
+    keys = {k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    return kubernetes.use_secret_as_env(task, cluster.MLFLOW_AUTH_SECRET, keys, optional=True)
 
 
 def on_cpu(task: dsl.PipelineTask, cpu: str = "1", memory: str = "4G") -> dsl.PipelineTask:
@@ -64,20 +56,25 @@ def cellseg_pipeline(
     num_nodes: int = 1,
     node_selector: dict = cluster.GPU_NODE_SELECTOR,
     tolerations: list = list(cluster.GPU_TOLERATIONS),  # noqa: B006 (never mutated)
-    checkpoint_root: str = cluster.CHECKPOINTS_MOUNT,
     mlflow_uri: str = cluster.MLFLOW_URI,
     image: str = cluster.IMAGE,
     train_timeout_hours: float = 72.0,
     training_engine: str = "pytorchjob",  # or "trainjob": Kubeflow Trainer v2
     queue_name: str = "",  # a Kueue LocalQueue for the training jobs; "" = none
+    train_cpu_per_node: str = "8",
+    train_memory_per_node: str = "64Gi",
+    train_shm_per_node: str = "16Gi",  # /dev/shm of each training pod
+    pending_timeout_minutes: float = 30.0,  # a training pod no node can take fails after this
     run_tags: dict = {},  # noqa: B006
     promotion_tolerance: float = 0.02,
     force_promote: bool = False,
 ):
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
     version = on_cpu(data_version(source=source, expected_md5=data_md5)).set_caching_options(False)
-    data = on_cpu(convert(source=source, data_md5=version.output), "2", "8G")
-    data.set_caching_options(True)  # keyed on the data md5: new data, new conversion
+    converted = convert(source=source, data_md5=version.output, dataset_format=DATASET_FORMAT)
+    data = on_cpu(converted, "2", "8G")
+    # keyed on the data md5 and the converter's format: new data or converter, new conversion
+    data.set_caching_options(True)
     for task in (version, data):
         kubernetes.mount_pvc(task, pvc_name=cluster.DATASETS_PVC, mount_path=cluster.DATASETS_MOUNT)
     dataset = data.outputs["dataset"]
@@ -90,7 +87,6 @@ def cellseg_pipeline(
         overrides=overrides,
         gpus_per_node=gpus_per_node,
         num_nodes=num_nodes,
-        checkpoint_root=checkpoint_root,
         pipeline_run_id=run_id,
         run_tags=run_tags,
         mlflow_uri=mlflow_uri,
@@ -100,6 +96,10 @@ def cellseg_pipeline(
         timeout_hours=train_timeout_hours,
         training_engine=training_engine,
         queue_name=queue_name,
+        cpu_per_node=train_cpu_per_node,
+        memory_per_node=train_memory_per_node,
+        shm_per_node=train_shm_per_node,
+        pending_timeout_minutes=pending_timeout_minutes,
     )
     phase1 = train(phase=1, **common).set_display_name("train-phase1")
     phase2 = train(phase=2, init_model=phase1.outputs["model"], **common)
@@ -113,6 +113,10 @@ def cellseg_pipeline(
     )
     for task in (phase1, phase2):
         on_cpu(task).set_caching_options(False)
+        # a retried step adopts its running job or resumes from `latest` on the volume
+        task.set_retry(num_retries=2, backoff_duration="120s", backoff_factor=2.0)
+        for env, field_path in (("POD_NAME", "metadata.name"), ("POD_UID", "metadata.uid")):
+            kubernetes.use_field_path_as_env(task, env_name=env, field_path=field_path)
         kubernetes.mount_pvc(
             task, pvc_name=cluster.CHECKPOINTS_PVC, mount_path=cluster.CHECKPOINTS_MOUNT
         )
@@ -135,7 +139,7 @@ def cellseg_pipeline(
         )
     ).set_caching_options(False)
     with dsl.If(gate.outputs["Output"] == True, name="promotion-gate"):  # noqa: E712
-        moved = promote(registered=gate.outputs["registered"], mlflow_uri=mlflow_uri)
-        on_cpu(moved).set_caching_options(False)
-    for task in (phase1, phase2, scores, champion, gate, moved):
-        with_mlflow_credential(task)
+        promoted = on_cpu(promote(registered=gate.outputs["registered"], mlflow_uri=mlflow_uri))
+        promoted.set_caching_options(False)
+    for task in (phase1, phase2, scores, champion, gate, promoted):  # the steps that call MLflow
+        mlflow_login(task)

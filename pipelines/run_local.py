@@ -82,7 +82,6 @@ def run_pipeline(pipeline, source, md5, profile, overrides, processes, uri, forc
         profile=profile,
         overrides=list(overrides),
         gpus_per_node=processes,
-        checkpoint_root="",
         mlflow_uri=uri,
         force_promote=force_promote,
         run_tags={
@@ -131,6 +130,8 @@ def summary(run_dir: Path, mlflow_uri: str) -> str:
         "metadata"
     ]
     lines = ["", f"Test split ({metrics['images']} images):", ""]
+    if "chosen_phase" in metrics:
+        lines[1] += f" Phase {metrics['chosen_phase']}'s model, the better on val"
     lines.append(f"  {'':<10} {'box mAP50':>9} {'mask mAP50':>10} {'PQ':>6} {'F1':>6}")
     lines.append(
         f"  {'all':<10} {metrics['box_map50']:>9.3f} {metrics['mask_map50']:>10.3f} "

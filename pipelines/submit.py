@@ -1,8 +1,9 @@
 """On a cluster (``KFP_HOST``): compile, upload a pipeline version, start a run, schedule.
 
 Settings from the environment, read in ``main``: ``KFP_HOST`` (e.g. https://kubeflow.example.com/pipeline),
-``KFP_NAMESPACE`` (default ``kubeflow``), ``KFP_TOKEN`` (a bearer token, never printed),
-``IMAGE`` (the project image for every step).
+``KFP_NAMESPACE`` (default ``cellseg``, where the manifests put the volumes, the RBAC and the
+runtime), ``KFP_TOKEN`` (a bearer token, never printed), ``IMAGE`` (the project image for every
+step). Runs use the ``cellseg-pipeline`` service account, the one the RBAC is written for.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cellseg.cluster.names import IMAGE
+from cellseg.cluster.names import IMAGE, NAMESPACE, PIPELINE_SERVICE_ACCOUNT
 from cellseg.data.source import read_dvc_pointer
 from pipelines.cellseg_pipeline import PIPELINE_NAME
 from pipelines.compile import compile_pipeline
@@ -107,6 +108,7 @@ def submit_run(
         pipeline_id=pipeline_id,
         version_id=version_id,
         params=params,
+        service_account=PIPELINE_SERVICE_ACCOUNT,
     )
     return f"{host.rstrip('/')}/#/runs/details/{run.run_id}"
 
@@ -133,6 +135,7 @@ def schedule(client, spec: Path, version_name: str, cron: str, params: dict, nam
         version_id=version_id,
         params=params,
         enabled=True,
+        service_account=PIPELINE_SERVICE_ACCOUNT,
     )
     for run in old:
         if run.recurring_run_id != job.recurring_run_id:
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     except ScheduleError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    namespace = os.environ.get("KFP_NAMESPACE", "kubeflow")
+    namespace = os.environ.get("KFP_NAMESPACE", NAMESPACE)
     image = os.environ.get("IMAGE", IMAGE)
     client = make_client(host, namespace, os.environ.get("KFP_TOKEN"))
     version_name = f"{git_commit()}-{time.strftime('%Y%m%d-%H%M%S')}"

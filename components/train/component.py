@@ -21,7 +21,10 @@ def train(
     timeout_hours: float,
     training_engine: str,
     queue_name: str,
-    checkpoint_root: str,
+    cpu_per_node: str,
+    memory_per_node: str,
+    shm_per_node: str,
+    pending_timeout_minutes: float,
     pipeline_run_id: str,
     run_tags: dict,
     mlflow_uri: str,
@@ -52,6 +55,10 @@ def train(
         timeout_hours=timeout_hours,
         engine=training_engine,
         queue_name=queue_name,
+        cpu_per_node=cpu_per_node,
+        memory_per_node=memory_per_node,
+        shm_per_node=shm_per_node,
+        pending_timeout_minutes=pending_timeout_minutes,
     )
     init = Path(init_model.path) if init_model is not None else None
     info = train_step(
@@ -59,7 +66,6 @@ def train(
         Path(dataset.path),
         Path(model.path),
         init,
-        checkpoint_root,
         pipeline_run_id,
         run_tags,
         mlflow_uri,

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from cellseg.errors import CellsegError
+from cellseg.threads import match_torch_threads
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -36,6 +37,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from cellseg.training.config import load_config
     from cellseg.training.loop import train
 
+    match_torch_threads()  # the cgroup's CPU quota, not the host's core count
     config = load_config(args.profile, args.phase, args.set)
     tracker = None
     if args.mlflow_run and os.environ.get("RANK", "0") == "0":  # rank 0 alone logs
@@ -53,6 +55,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from cellseg.evaluation.evaluate import evaluate
     from cellseg.ops.model_ref import load_predictor
 
+    match_torch_threads()  # the cgroup's CPU quota, not the host's core count
     predictor = load_predictor(args.model, args.device)
     metrics = evaluate(
         args.data, predictor, args.out, args.split, args.limit, model_name=args.model
@@ -65,6 +68,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from cellseg.evaluation.predict import predict
     from cellseg.ops.model_ref import load_predictor
 
+    match_torch_threads()  # the cgroup's CPU quota, not the host's core count
     failures = predict(args.inputs, load_predictor(args.model, args.device), args.out)
     if failures:
         raise CellsegError(f"{failures} file(s) failed (see above); the others are in {args.out}")
@@ -143,6 +147,33 @@ def cmd_launch(args: argparse.Namespace) -> None:
     run_job(args.engine, spec, client.ApiClient(), args.queue_timeout_hours * 3600)
 
 
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from kubernetes import client, config
+
+    from cellseg.cluster.doctor import Settings, blockers, run_checks
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    settings = Settings(
+        namespace=args.namespace,
+        engine=args.engine,
+        queue_name=args.queue,
+        mlflow_uri=args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or Settings.mlflow_uri,
+        kfp_host=os.environ.get("KFP_HOST", ""),
+        kfp_token=os.environ.get("KFP_TOKEN", ""),
+        account=args.as_account,
+    )
+    results = run_checks(client.ApiClient(), settings)
+    for result in results:
+        print(result.line())
+    if failed := blockers(results):
+        raise CellsegError(f"{len(failed)} requirement(s) failed: " + "; ".join(
+            r.requirement for r in failed
+        ))  # fmt: skip
+
+
 def add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="obtain raw BCCD into data/BCCD and verify it (data.dvc)")
     data.add_argument("--mirror", help="local directory or archive (default: $BCCD_MIRROR)")
@@ -176,7 +207,7 @@ def add_model_commands(sub) -> None:
     evaluate.add_argument("--model", required=True, help="checkpoint, folder or MLflow URI")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--out", type=Path, required=True)
-    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     evaluate.add_argument("--limit", type=int, default=0, help="first N images only (0 = all)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
@@ -184,7 +215,7 @@ def add_model_commands(sub) -> None:
     predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="images or folders")
     predict.add_argument("--model", required=True, help="checkpoint, folder or MLflow URI")
     predict.add_argument("--out", type=Path, required=True)
-    predict.add_argument("--device", default="cpu")
+    predict.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     predict.set_defaults(handler=cmd_predict)
 
 
@@ -230,6 +261,19 @@ def add_ops_commands(sub) -> None:
     launch.add_argument("--timeout-hours", type=float, default=72.0, help="after admission")
     launch.add_argument("--queue-timeout-hours", type=float, default=168.0, help="while queued")
     launch.set_defaults(handler=cmd_launch)
+
+    doctor = sub.add_parser("doctor", help="check the cluster: one line per requirement")
+    doctor.add_argument("--namespace", default=cluster.NAMESPACE)
+    doctor.add_argument("--engine", choices=("pytorchjob", "trainjob"), default="pytorchjob")
+    doctor.add_argument("--queue", default="", help="the Kueue LocalQueue runs will use")
+    doctor.add_argument(
+        "--mlflow-uri", default="", help="default: $MLFLOW_TRACKING_URI, else in-cluster"
+    )
+    doctor.add_argument(
+        "--as", dest="as_account", default=None, metavar="USER",
+        help="whose rights to check (default: the pipeline's account; '' = yours)",
+    )  # fmt: skip
+    doctor.set_defaults(handler=cmd_doctor)
 
     compare = sub.add_parser("compare", help="compare pipeline runs and registry versions")
     compare.add_argument("--last", type=int, default=10, help="the last N pipeline runs")

@@ -20,15 +20,22 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.crds import crd
+
 REPO = Path(__file__).resolve().parents[2]
-SCHEMAS = REPO.parent / "shared" / "schemas" / "k8s-1.20"  # CRDs a 1.20 server accepts
-CRDS = [
-    SCHEMAS / "kubeflow.org_pytorchjobs.yaml",
-    SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml",
-    SCHEMAS / "trainer.kubeflow.org_trainingruntimes.yaml",
-    SCHEMAS / "trainer.kubeflow.org_clustertrainingruntimes.yaml",
-    Path(__file__).with_name("kueue-localqueue-crd.yaml"),
-]
+# The upstream CRDs in copies a 1.20 server accepts (tests/crds.py: CELLSEG_CRDS or `make crds`)
+CRD_FILES = (
+    "kubeflow.org_pytorchjobs.yaml",
+    "trainer.kubeflow.org_trainjobs.yaml",
+    "trainer.kubeflow.org_trainingruntimes.yaml",
+    "trainer.kubeflow.org_clustertrainingruntimes.yaml",
+    "kubeflow.org_profiles.yaml",  # multi-user Kubeflow (overlays/kubeflow)
+    "security.istio.io_authorizationpolicies.yaml",  # and PeerAuthentication
+    "kueue/kueue.x-k8s.io_localqueues.yaml",  # Kueue v0.19.2
+    "kueue/kueue.x-k8s.io_clusterqueues.yaml",
+    "kueue/kueue.x-k8s.io_resourceflavors.yaml",
+    "kueue/kueue.x-k8s.io_workloads.yaml",
+)
 NAMESPACE = "cellseg"
 PIPELINE_SA = f"system:serviceaccount:{NAMESPACE}:cellseg-pipeline"
 TRAIN_SA = f"system:serviceaccount:{NAMESPACE}:cellseg-train"
@@ -177,10 +184,11 @@ def kubeconfig(url: str, token: str) -> dict:
 @pytest.fixture(scope="session")
 def installed(apiserver):
     """The CRDs and the generic-gpu overlay (namespace, RBAC, runtime, ...) on the server."""
-    for crd in CRDS:
+    crds = [crd(name, k8s_120=True) for name in CRD_FILES]
+    for path in crds:
         # big CRDs: `create --validate=false` (apply's last-applied annotation exceeds 256 KiB)
-        apiserver.kubectl("create", "--validate=false", "-f", str(crd))
-    names = [yaml.safe_load(c.read_text())["metadata"]["name"] for c in CRDS]
+        apiserver.kubectl("create", "--validate=false", "-f", str(path))
+    names = [d["metadata"]["name"] for p in crds for d in yaml.safe_load_all(p.read_text()) if d]
     apiserver.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                       *[f"crd/{n}" for n in names])  # fmt: skip
     apiserver.kubectl("apply", "-k", str(REPO / "manifests" / "overlays" / "generic-gpu"))

@@ -17,6 +17,9 @@ def test_the_training_crds_are_served(installed):
         "trainjobs.trainer.kubeflow.org",
         "trainingruntimes.trainer.kubeflow.org",
         "localqueues.kueue.x-k8s.io",
+        "clusterqueues.kueue.x-k8s.io",
+        "profiles.kubeflow.org",
+        "authorizationpolicies.security.istio.io",
     }
     assert served <= set(resources)
 
@@ -25,7 +28,7 @@ def in_namespace(objects: list[dict], namespace: str) -> list[dict]:
     """The overlay's objects moved to ``namespace``: overlays are alternatives (a claim's storage
     class cannot change once created), so each is applied where no other one was."""
     for obj in objects:
-        if obj["kind"] == "Namespace":
+        if obj["kind"] in ("Namespace", "Profile"):  # a Profile is named after its namespace
             obj["metadata"]["name"] = namespace
         elif "namespace" in obj["metadata"]:
             obj["metadata"]["namespace"] = namespace
@@ -41,7 +44,8 @@ def test_every_overlay_is_accepted_by_the_server_then_applied(installed, overlay
     objects = in_namespace([o for o in yaml.safe_load_all(rendered.stdout) if o], namespace)
     path = tmp_path / f"{overlay}.yaml"
     path.write_text(yaml.safe_dump_all(objects))
-    # a server-side dry run needs the namespace to exist, as on a fresh cluster
+    # a server-side dry run needs the namespace to exist, as on a fresh cluster (for a Profile,
+    # the profile controller makes it; there is none here)
     installed.kubectl("create", "namespace", namespace)
     dry = installed.kubectl("apply", "--dry-run=server", "-f", str(path))
     assert dry.stdout.count("(server dry run)") == len(objects)
@@ -77,3 +81,48 @@ def test_the_training_pods_account_cannot_create_jobs(installed, resource):
     for verb in ("create", "get", "delete"):
         assert not can_i(installed, TRAIN_SA, verb, resource, NAMESPACE), verb
     assert not can_i(installed, TRAIN_SA, "get", "secrets", NAMESPACE)
+
+
+def test_the_local_queue_is_kueue_v1beta2_and_accepted_by_kueue_0_19(installed):
+    """The kueue overlay's LocalQueue at the version Kueue 0.16+ stores (v1beta1 is deprecated),
+    read back from the server through v1beta2."""
+    rendered = installed.kubectl("kustomize", str(REPO / "manifests" / "overlays" / "kueue"))
+    (queue,) = [o for o in yaml.safe_load_all(rendered.stdout) if o and o["kind"] == "LocalQueue"]
+    assert queue["apiVersion"] == "kueue.x-k8s.io/v1beta2"
+    installed.kubectl("create", "namespace", "kueue-version")
+    queue["metadata"]["namespace"] = "kueue-version"
+    path = installed.root / "local-queue.yaml"
+    path.write_text(yaml.safe_dump(queue))
+    installed.kubectl("apply", "-f", str(path))
+    name, jsonpath = queue["metadata"]["name"], "jsonpath={.spec.clusterQueue}"
+    got = installed.kubectl(
+        "get", "localqueues.v1beta2.kueue.x-k8s.io", name, "-n", "kueue-version", "-o", jsonpath
+    )
+    assert got.stdout == "gpu-cluster-queue"
+
+
+def test_the_runs_account_may_do_what_kfp_does_in_a_step_and_no_more(installed):
+    """cellseg-kfp-steps: Argo's task results, the kfp-launcher ConfigMap, one Secret by name.
+    (A SelfSubjectAccessReview as the account: kubectl's can-i needs Argo's CRD installed.)"""
+    from cellseg.cluster.doctor import _access, as_user
+
+    api = as_user(installed.client("admin"), PIPELINE_SA)
+
+    def may(verb, group, resource, namespace=NAMESPACE, name=""):
+        from kubernetes import client
+
+        attributes = client.V1ResourceAttributes(
+            namespace=namespace, group=group, resource=resource, verb=verb, name=name or None
+        )
+        review = client.V1SelfSubjectAccessReview(
+            spec=client.V1SelfSubjectAccessReviewSpec(resource_attributes=attributes)
+        )
+        answer = client.AuthorizationV1Api(api).create_self_subject_access_review(review)
+        return answer.status.allowed
+
+    assert _access(api, NAMESPACE, "argoproj.io", "workflowtaskresults", "", "create")
+    assert may("patch", "argoproj.io", "workflowtaskresults")
+    assert not may("create", "argoproj.io", "workflowtaskresults", namespace="default")
+    assert may("get", "", "configmaps", name="kfp-launcher")
+    assert may("get", "", "secrets", name="mlpipeline-minio-artifact")
+    assert not may("get", "", "secrets", name="cellseg-hf-token")

@@ -47,6 +47,12 @@ def test_pipeline_produces_a_registered_model_a_report_and_a_comparison(
     assert all(r.data.tags["cellseg.data_md5"].endswith(".dir") for r in parents)
     phase1 = next(r for r in parents if r.data.tags.get("cellseg.step") == "phase1")
     assert phase1.data.params["backbone"] == "test_vit" and "val_total" in phase1.data.metrics
+    # the phase that shipped, in the checkpoint's metrics, both runs' tags and the summary
+    chosen = metrics["chosen_phase"]
+    assert chosen in (1, 2) and f"Phase {chosen}'s model" in text
+    for step in ("phase2", "evaluate"):
+        run = next(r for r in parents if r.data.tags.get("cellseg.step") == step)
+        assert run.data.tags["cellseg.chosen_phase"] == str(chosen), step
 
     # a second run registers a challenger; `make compare` names both aliases
     run_local(voc, tmp_path / "kfp", "local", [*TINY, "epochs=1", "seed=1"], mlflow_uri)

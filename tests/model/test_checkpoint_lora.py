@@ -127,7 +127,7 @@ def test_checkpoints_are_written_atomically_and_read_safely(tmp_path):
 
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps(Payload()))
-    with pytest.raises(CheckpointError, match=r"evil\.pt: not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"evil\.pt: not a checkpoint this tool can load"):
         load_checkpoint(evil)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(path.read_bytes()[:100])
@@ -151,3 +151,22 @@ def test_a_training_folder_resolves_to_its_most_advanced_checkpoint(tmp_path):
     assert find_checkpoint(tmp_path, phases=(1,)).name == "best_phase1.pt"
     with pytest.raises(CheckpointError, match="no checkpoint"):
         find_checkpoint(tmp_path / "empty")
+
+
+def test_a_pickle_that_would_run_code_is_refused_in_one_line(tmp_path, capsys):
+    import os
+
+    from cellseg.cli import main
+
+    class Payload:  # unpickled without weights_only, it would run a shell command
+        def __reduce__(self):
+            return (os.system, ("exit 0",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(Payload()))
+    assert main(["predict", str(tmp_path / "x.png"), "--model", str(evil), "--out", "o"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"cellseg predict: error: {evil}: not a checkpoint this tool can load safely: "
+        "it holds code (posix.system)"
+    ]

@@ -33,6 +33,31 @@ def test_predictor_returns_instances_at_the_input_resolution_for_odd_sizes(check
         assert set(inst.classes[ids - 1].tolist()) <= {1, 2, 3}  # never background
 
 
+def test_batched_inference_equals_one_image_at_a_time(checkpoint, dataset, tmp_path):
+    import torch
+
+    predictor = Predictor.from_checkpoint(checkpoint, batch_size=3)  # device "auto"
+    assert predictor.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    rng = np.random.default_rng(1)
+    shapes = [(96, 128, 3), (100, 130, 3), (96, 128, 3), (96, 128, 3), (96, 128, 3)]
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in shapes]
+    tolerance = 1e-5 if predictor.device.type == "cpu" else 2e-2  # bf16 on CUDA
+    batched = predictor.probabilities_batch(images)  # 4 of one size: batches of 3 and 1
+    for image, together in zip(images, batched, strict=True):
+        for a, b in zip(together, predictor.probabilities(image), strict=True):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, atol=tolerance)
+    if predictor.device.type == "cpu":
+        for image, inst in zip(images, predictor.predict_batch(images), strict=True):
+            assert np.array_equal(inst.labels, predictor(image).labels)
+    # the evaluation's figures do not depend on the batching (CPU: within 1e-3)
+    one = evaluate(dataset, Predictor.from_checkpoint(checkpoint, batch_size=1), tmp_path / "a")
+    many = evaluate(dataset, predictor, tmp_path / "b")
+    for key in ("box_map50", "mask_map50", "pq", "f1", "aji"):
+        assert many[key] == pytest.approx(one[key], abs=1e-3), key
+    assert many["chosen_phase"] == 1  # metrics.json names the phase whose weights it scored
+
+
 def test_predict_writes_results_counts_and_overlays_and_reports_each_bad_file(
     checkpoint, dataset, tmp_path
 ):

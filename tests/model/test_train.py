@@ -46,7 +46,9 @@ def test_short_training_lowers_the_loss_and_keeps_the_best_epoch(dataset, tmp_pa
     config = load_config("local", 1, [*TINY, "epochs=6"])
     state = train(1, dataset, tmp_path, config)
     losses = [h["train_total"] for h in state.history]
-    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0]
+    # (the Dice terms, summed over classes as HoVer-Net does, are most of the loss and fall
+    # slowest in 6 tiny epochs: 20 % is what the test ViT reaches)
+    assert len(losses) == 6 and losses[-1] < 0.85 * losses[0]
     best = load_checkpoint(tmp_path / "best_phase1.pt")
     vals = [h["val_total"] for h in state.history]
     assert best["epoch"] == 1 + vals.index(min(vals))  # written on improvement only
@@ -114,6 +116,24 @@ def test_phase2_starts_from_best_else_latest_and_trains_only_lora_and_decoder(da
     )
 
 
+def test_phase2_ships_phase1s_model_unless_it_beats_it_on_val(dataset, tmp_path):
+    from cellseg.model.checkpoint import model_from_checkpoint
+
+    train(1, dataset, tmp_path, load_config("local", 1, [*TINY, "epochs=3"]))
+    # an adapter LR this large wrecks the backbone: Phase 2's epoch is worse on val
+    state = train(2, dataset, tmp_path, load_config("local", 2, [*TINY, "epochs=1", "lr=50"]))
+    best = load_checkpoint(tmp_path / "best_phase2.pt")
+    assert state.history[0]["val_total"] > best["best_metric"]
+    assert best["chosen_phase"] == 1 and best["epoch"] == 0
+    assert load_checkpoint(tmp_path / "best_phase1.pt")["chosen_phase"] == 1
+    # what ships is Phase 1's function (fresh adapters add nothing)
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    one, _ = model_from_checkpoint(tmp_path / "best_phase1.pt")
+    two, _ = model_from_checkpoint(tmp_path / "best_phase2.pt")
+    with torch.no_grad():
+        assert torch.allclose(one(x)["nc"], two(x)["nc"], atol=1e-5)
+
+
 def test_a_killed_run_resumes_from_latest_and_ends_with_the_same_weights(dataset, tmp_path):
     args = ["epochs=4", "limit_train_images=6"]
     reference = tmp_path / "reference"
@@ -167,6 +187,9 @@ def test_two_process_gloo_ddp_equals_one_process_on_the_same_global_batch(datase
 
     one = run(1, 6, tmp_path / "one")
     two = run(2, 3, tmp_path / "two")  # 2 x 3 = the same global batch of 6
+    # each rank seeded with seed + rank, and each rank's RNG state kept for resuming
+    rngs = load_checkpoint(tmp_path / "two" / "latest_phase1.pt")["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
     assert one.keys() == two.keys()
     # Adam's first step moves each weight by about ±lr whatever its gradient's size, so a weight
     # whose gradient is at rounding-noise level (summed in another order across ranks) may go

@@ -18,6 +18,7 @@ BIN = Path(sys.executable).parent
 DOCKERFILES = sorted((REPO / "images").glob("*Dockerfile"))
 OVERLAYS = sorted(p.name for p in (REPO / "manifests" / "overlays").iterdir())
 K8S_VERSION = "1.30.0"
+LAUNCHER, STEPS = "cellseg-training-jobs", "cellseg-kfp-steps"  # the two Roles
 
 
 def tool(name: str) -> str:
@@ -68,17 +69,21 @@ def objects(request):
     return render(request.param)
 
 
-CUSTOM_KINDS = {"TrainingRuntime", "LocalQueue"}  # checked by the real API server: tests/cluster
+CUSTOM_KINDS = {"TrainingRuntime", "LocalQueue", "Profile"}  # the real API server: tests/cluster
+CLUSTER_SCOPED = {"Namespace", "Profile"}
 
 
 def test_every_object_validates_against_the_kubernetes_schemas(objects):
     kinds = {o["kind"] for o in objects}
-    assert {"Namespace", "PersistentVolumeClaim", "Deployment", "Service", "Role"} <= kinds
+    assert {"PersistentVolumeClaim", "Deployment", "Service", "Role"} <= kinds
+    assert len(kinds & CLUSTER_SCOPED) == 1  # the namespace: bare (standalone) or a Profile
     assert "TrainingRuntime" in kinds  # every overlay ships the Trainer v2 runtime
     for obj in objects:
         if obj["kind"] not in CUSTOM_KINDS:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-        if obj["kind"] != "Namespace":
+        if obj["kind"] in CLUSTER_SCOPED:
+            assert obj["metadata"]["name"] == "cellseg" and "namespace" not in obj["metadata"]
+        else:
             assert obj["metadata"].get("namespace") == "cellseg", obj["metadata"]["name"]
 
 
@@ -108,7 +113,7 @@ def test_every_container_is_limited_non_root_and_unprivileged(objects):
 
 def test_rbac_allows_training_jobs_and_pod_logs_in_the_namespace_only(objects):
     assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
-    (role,) = [o for o in objects if o["kind"] == "Role"]
+    (role,) = [o for o in objects if o["kind"] == "Role" and o["metadata"]["name"] == LAUNCHER]
     rules = {
         (g, r): set(rule["verbs"])
         for rule in role["rules"]
@@ -116,12 +121,89 @@ def test_rbac_allows_training_jobs_and_pod_logs_in_the_namespace_only(objects):
         for r in rule["resources"]
     }
     assert rules == {
-        ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "watch", "delete"},
-        ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete"},
+        ("trainer.kubeflow.org", "trainjobs"): {
+            "create",
+            "get",
+            "list",
+            "watch",
+            "patch",
+            "delete",
+        },
+        ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "patch", "delete"},
         ("", "pods"): {"get", "list", "watch"},
         ("", "pods/log"): {"get"},
+        ("", "events"): {"get", "list", "watch"},
+        ("kueue.x-k8s.io", "workloads"): {"get", "list"},
     }
     assert role["metadata"]["namespace"] == "cellseg"
+
+
+def test_kfp_steps_get_their_own_role_bound_to_the_runs_account(objects):
+    """What Argo's executor and KFP's launcher need in a step's pod, for cellseg-pipeline (the
+    account pipelines/submit.py runs as), and no more: one secret by name, no pods written."""
+    (role,) = [o for o in objects if o["kind"] == "Role" and o["metadata"]["name"] == STEPS]
+    rules = {
+        (g, r): rule for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+    }
+    assert set(rules["argoproj.io", "workflowtaskresults"]["verbs"]) == {"create", "patch"}
+    assert rules["", "secrets"]["resourceNames"] == ["mlpipeline-minio-artifact"]
+    assert ("", "pods") not in rules
+    (binding,) = [
+        o for o in objects if o["kind"] == "RoleBinding" and o["metadata"]["name"] == STEPS
+    ]
+    assert binding["roleRef"]["name"] == STEPS
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": cluster.PIPELINE_SERVICE_ACCOUNT, "namespace": "cellseg"}
+    ]
+
+
+def test_every_pod_template_stays_out_of_the_mesh_with_a_seccomp_profile(objects):
+    """Deployments, the TrainingRuntime's JobSet: each pod template the overlay describes."""
+    from tests.pods import mesh_and_seccomp_problems, pod_templates
+
+    described = [o for o in objects if list(pod_templates(o))]
+    kinds = {o["kind"] for o in described}
+    assert {"Deployment", "TrainingRuntime"} <= kinds <= {"Deployment", "TrainingRuntime",
+                                                          "StatefulSet"}  # fmt: skip
+    assert [p for o in described for p in mesh_and_seccomp_problems(o)] == []
+
+
+def test_a_bare_namespace_warns_and_audits_against_restricted(objects):
+    """Its pods comply (the pod templates above), so "restricted" is what it checks them by;
+    enforcing is left to the cluster (KFP's own step pods share the namespace)."""
+    for ns in [o for o in objects if o["kind"] == "Namespace"]:
+        labels = ns["metadata"]["labels"]
+        for mode in ("warn", "audit"):
+            assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted", mode
+
+
+def test_the_kubeflow_overlay_is_a_profile_with_mlflow_behind_its_own_login():
+    objects = render("kubeflow")
+    (profile,) = [o for o in objects if o["kind"] == "Profile"]
+    assert profile["apiVersion"] == "kubeflow.org/v1" and profile["spec"]["owner"]["kind"] == "User"
+    assert not [o for o in objects if o["kind"] == "Namespace"]  # the profile controller's job
+    assert "kfp-launcher" not in {
+        o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap"
+    }
+    (mlflow,) = [o for o in objects if o["kind"] == "Deployment"]
+    container = mlflow["spec"]["template"]["spec"]["containers"][0]
+    assert "--app-name=basic-auth" in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == (
+        cluster.MLFLOW_AUTH_SECRET
+    )
+    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "mlflow"}
+    assert policy["spec"]["ingress"] == [
+        {"from": [{"podSelector": {}}], "ports": [{"port": "http", "protocol": "TCP"}]}
+    ]  # this namespace's pods only
+    bound = {s["name"] for o in objects if o["kind"] == "RoleBinding" for s in o["subjects"]}
+    assert "default-editor" in bound  # the account Kubeflow runs steps as by default
+
+
+def test_the_local_queue_is_kueue_v1beta2():
+    (queue,) = [o for o in render("kueue") if o["kind"] == "LocalQueue"]
+    assert queue["apiVersion"] == "kueue.x-k8s.io/v1beta2"  # v1beta1: deprecated in Kueue 0.16
 
 
 def test_shared_volumes_are_read_write_many(objects):
@@ -133,7 +215,16 @@ def test_shared_volumes_are_read_write_many(objects):
 def test_the_training_runtime_mounts_what_the_pytorchjob_mounts(objects):
     """The TrainingRuntime (YAML) and the PyTorchJob builder (code) describe the same pods:
     same volumes, mounts, service account and security, from the names in cellseg.cluster.names."""
-    from cellseg.cluster.jobs import CONTAINER_SECURITY, POD_SECURITY, VOLUME_MOUNTS, pod_volumes
+    from cellseg.cluster.jobs import (
+        CONTAINER_SECURITY,
+        POD_LABELS,
+        POD_SECURITY,
+        VOLUME_MOUNTS,
+        pod_volumes,
+    )
+
+    def template_labels(node):
+        return node["template"]["spec"]["template"]["metadata"]["labels"]
 
     (runtime,) = [o for o in objects if o["kind"] == "TrainingRuntime"]
     (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
@@ -142,6 +233,7 @@ def test_the_training_runtime_mounts_what_the_pytorchjob_mounts(objects):
     assert pod["containers"][0]["volumeMounts"] == VOLUME_MOUNTS
     assert pod["containers"][0]["securityContext"] == CONTAINER_SECURITY
     assert pod["securityContext"] == POD_SECURITY
+    assert template_labels(node) == POD_LABELS
     assert pod["serviceAccountName"] == cluster.TRAIN_SERVICE_ACCOUNT
     accounts = {o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"}
     assert cluster.TRAIN_SERVICE_ACCOUNT in accounts

@@ -2,10 +2,8 @@
 training-operator 1.9, TrainJob from kubeflow/trainer v2.3.0) and the operator's admission
 rules. Submitting and waiting run against a real API server: tests/cluster/."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -19,33 +17,23 @@ from cellseg.cluster.jobs import (
     job_key,
     job_name,
 )
-
-SCHEMAS = Path(__file__).resolve().parents[3] / "shared/schemas"
-# The CRDs from ../shared, or where PYTORCHJOB_CRD says (.ci/run sets it: there a missing CRD
-# fails the tests instead of skipping them).
-CRD = Path(os.environ.get("PYTORCHJOB_CRD") or SCHEMAS / "kubeflow.org_pytorchjobs.yaml")
-TRAINJOB_CRD = CRD.parent / "trainer.kubeflow.org_trainjobs.yaml"
+from tests.crds import crd
 
 
-def load_schema(path: Path, version: str) -> dict:
-    if not path.is_file():
-        message = f"{path} not found (the CRDs in shared/schemas)"
-        if os.environ.get("PYTORCHJOB_CRD"):
-            pytest.fail(message)
-        pytest.skip(message)
-    crd = yaml.safe_load(path.read_text())
-    (v,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+def load_schema(name: str, version: str) -> dict:
+    document = yaml.safe_load(crd(name).read_text())  # CELLSEG_CRDS or `make crds`' cache
+    (v,) = [v for v in document["spec"]["versions"] if v["name"] == version]
     return v["schema"]["openAPIV3Schema"]
 
 
 @pytest.fixture(scope="module")
 def crd_schema():
-    return load_schema(CRD, "v1")
+    return load_schema("kubeflow.org_pytorchjobs.yaml", "v1")
 
 
 @pytest.fixture(scope="module")
 def trainjob_schema():
-    return load_schema(TRAINJOB_CRD, "v1alpha1")
+    return load_schema("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1")
 
 
 def unknown_fields(value, schema, path="") -> list[str]:
@@ -203,12 +191,16 @@ def test_a_retry_has_the_same_job_key_and_another_image_does_not():
     assert job_key(spec) == job_key(retry) != job_key(other)
 
 
-def test_training_pods_read_the_mlflow_credential_from_its_optional_secret():
-    spec = JobSpec(name="j", image="i", train_args=(), mlflow_uri="http://mlflow:5000")
-    pod = build_pytorchjob(spec)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
-    env = {e["name"]: e for e in pod["containers"][0]["env"]}
-    for name, key in (("MLFLOW_TRACKING_USERNAME", "username"),
-                      ("MLFLOW_TRACKING_PASSWORD", "password")):  # fmt: skip
-        ref = env[name]["valueFrom"]["secretKeyRef"]
-        assert ref == {"name": "cellseg-mlflow-auth", "key": key, "optional": True}
-        assert "value" not in env[name]  # never in the manifest itself
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize(
+    "build", [build_pytorchjob, build_trainjob], ids=["pytorchjob", "trainjob"]
+)
+def test_every_training_pod_stays_out_of_the_mesh_with_a_seccomp_profile(build, shape):
+    """A sidecar keeps a finished trainer pod running, and Pod Security "restricted" refuses a
+    pod without a seccomp profile: every pod template of every job shape is checked."""
+    from tests.pods import mesh_and_seccomp_problems, pod_templates
+
+    job = build(JobSpec(name="j", image="i:1", train_args=(), **SHAPES[shape]))
+    templates = list(pod_templates(job))
+    assert len(templates) == (1 if build is build_trainjob else min(SHAPES[shape]["nodes"], 2))
+    assert mesh_and_seccomp_problems(job) == []

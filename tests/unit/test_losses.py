@@ -9,6 +9,7 @@ from cellseg.training.losses import (
     dice_loss,
     hovernet_loss,
     hv_gradients,
+    hv_loss,
 )
 
 
@@ -42,12 +43,69 @@ def test_class_weighted_cross_entropy_by_hand():
     assert cost_p / cost_b == pytest.approx(160)
 
 
-def test_dice_loss_is_zero_for_a_perfect_and_one_for_a_disjoint_prediction():
+def test_dice_loss_is_zero_for_a_perfect_and_one_per_class_for_a_disjoint_prediction():
     target = torch.tensor([[[0, 1], [1, 0]]])
     valid = torch.ones(1, 2, 2, dtype=torch.bool)
     perfect = torch.nn.functional.one_hot(target, 2).permute(0, 3, 1, 2).float() * 100
     assert dice_loss(perfect, target, valid).item() == pytest.approx(0, abs=1e-4)
-    assert dice_loss(-perfect, target, valid).item() == pytest.approx(1, abs=1e-4)
+    assert dice_loss(-perfect, target, valid).item() == pytest.approx(2, abs=1e-3)  # 2 classes
+
+
+def _logits(probs: list[list[float]]) -> torch.Tensor:
+    """(1, C, 1, W) logits whose softmax over C is ``probs`` (C lists of W values)."""
+    return torch.tensor(probs).log().reshape(1, len(probs), 1, -1)
+
+
+def test_dice_is_summed_over_the_batch_and_classes_by_hand():
+    # two images of two pixels: image 0 all background, image 1 background + cell
+    logits = torch.cat([_logits([[0.9, 0.7], [0.1, 0.3]]), _logits([[0.8, 0.4], [0.2, 0.6]])])
+    target = torch.tensor([[[0, 0]], [[0, 1]]])
+    valid = torch.ones(2, 1, 2, dtype=torch.bool)
+    s = 1e-3
+    # background: sum p·t = 0.9 + 0.7 + 0.8, sum p = 0.9 + 0.7 + 0.8 + 0.4, sum t = 3
+    bg = 1 - (2 * 2.4 + s) / (2.8 + 3 + s)
+    # cell: sum p·t = 0.6, sum p = 0.1 + 0.3 + 0.2 + 0.6, sum t = 1
+    cell = 1 - (2 * 0.6 + s) / (1.2 + 1 + s)
+    assert dice_loss(logits, target, valid).item() == pytest.approx(bg + cell, rel=1e-5)
+
+
+def test_a_class_absent_from_the_batch_adds_nothing_to_dice():
+    logits = _logits([[0.5, 0.2], [0.3, 0.6], [0.2, 0.2]])  # class 2 predicted, never true
+    target = torch.tensor([[[0, 1]]])
+    valid = torch.ones(1, 1, 2, dtype=torch.bool)
+    s = 1e-3
+    c0 = 1 - (2 * 0.5 + s) / (0.7 + 1 + s)
+    c1 = 1 - (2 * 0.6 + s) / (0.9 + 1 + s)
+    assert dice_loss(logits, target, valid).item() == pytest.approx(c0 + c1, rel=1e-5)
+    # an ignored pixel's class is absent too
+    valid[0, 0, 1] = False
+    c0 = 1 - (2 * 0.5 + s) / (0.5 + 1 + s)
+    assert dice_loss(logits, target, valid).item() == pytest.approx(c0, rel=1e-5)
+
+
+def test_msge_is_averaged_over_the_batch_cell_pixels_by_hand():
+    # the h-map off by a ramp of slope a: inside, its HoVer-Net gradient is off by 12·a (the
+    # 5x5 kernel's sum of h²/(h²+v²) is 12), the v-map's by 0: mean over the two, (12a)²/2
+    a = 0.1
+    x = torch.arange(12, dtype=torch.float32).repeat(12, 1)
+    target = torch.zeros(2, 2, 12, 12)
+    pred = target.clone()
+    pred[:, 0] = a * x
+    cells = torch.zeros(2, 12, 12, dtype=torch.bool)
+    cells[0, 3:9, 3:9] = True  # image 1 holds no cell: it must not dilute the average
+    valid = torch.ones(2, 12, 12, dtype=torch.bool)
+    _, msge = hv_loss(pred, target, cells, valid)
+    assert msge.item() == pytest.approx((12 * a) ** 2 / 2, rel=1e-5)
+
+
+def test_hv_terms_are_fp32_under_bf16_autocast():
+    outputs, np_t, hv_t, _, ignore = _batch(3)
+    cells = np_t > 0
+    plain = hv_loss(outputs["hv"], hv_t, cells, ~ignore)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = hv_loss(outputs["hv"], hv_t, cells, ~ignore)
+    for p, m in zip(plain, mixed, strict=True):
+        assert m.dtype == torch.float32 and m.mean().item() == p.mean().item()
 
 
 def test_hv_gradients_of_a_ramp_are_constant_inside_and_run_on_the_inputs_device():
@@ -81,17 +139,29 @@ def test_total_is_1_np_plus_2_hv_plus_2_nc():
     assert terms["np"].item() == pytest.approx(terms["np_ce"].item() + terms["np_dice"].item())
 
 
-def test_a_batch_loss_is_the_mean_of_its_images_losses():
-    # what makes gradient accumulation and DDP equal to one big batch
+def test_a_batch_split_over_ranks_with_summed_statistics_gives_the_whole_batch_terms():
+    # what DDP does through global_sum: rank 1 holds images 2-3; rank 0 sees their sums too
     outputs, np_t, hv_t, nc_t, ignore = _batch(1, b=4)
-    whole = hovernet_loss(outputs, np_t, hv_t, nc_t, ignore)["total"]
-    halves = [
-        hovernet_loss({k: v[s] for k, v in outputs.items()}, np_t[s], hv_t[s], nc_t[s], ignore[s])[
-            "total"
-        ]
-        for s in (slice(0, 2), slice(2, 4))
-    ]
-    assert whole.item() == pytest.approx((halves[0].item() + halves[1].item()) / 2, rel=1e-5)
+    whole = hovernet_loss(outputs, np_t, hv_t, nc_t, ignore)
+    parts = [(slice(0, 2), []), (slice(2, 4), [])]
+
+    def part(s, total):
+        return hovernet_loss(
+            {k: v[s] for k, v in outputs.items()}, np_t[s], hv_t[s], nc_t[s], ignore[s], total
+        )
+
+    def record(x):
+        parts[1][1].append(x.detach())
+        return x
+
+    other = part(parts[1][0], record)
+    pending = iter(parts[1][1])
+    mine = part(parts[0][0], lambda x: x + next(pending))
+    for term in ("np_dice", "nc_dice", "hv_msge"):  # batch-level: the global batch's value
+        assert mine[term].item() == pytest.approx(whole[term].item(), rel=1e-5), term
+    for term in ("np_ce", "nc_ce", "hv_mse"):  # per-image means: DDP averages the ranks'
+        mean = (mine[term].item() + other[term].item()) / 2
+        assert mean == pytest.approx(whole[term].item(), rel=1e-5), term
 
 
 def test_ignored_pixels_change_no_term():

@@ -122,3 +122,57 @@ def test_our_map_equals_pycocotools_summarize(iou_type):
     assert ours["map"] == pytest.approx(ev.stats[0])
     assert ours["map50"] == pytest.approx(ev.stats[1])
     assert 0 < ours["map50"] < 1
+
+
+def coco_ap_by_hand(ranked: list[str], n_gt: int) -> float:
+    """COCO's 101-point interpolated AP of detections ranked by score, each "tp", "fp" or
+    "ignored" (matched to a crowd region: dropped from the ranking)."""
+    flags = [f == "tp" for f in ranked if f != "ignored"]
+    tp = np.cumsum(flags)
+    precision = tp / np.arange(1, len(flags) + 1)
+    recall = tp / n_gt
+    envelope = [max(precision[recall >= r], default=0.0) for r in np.linspace(0, 1, 101)]
+    return float(np.mean(envelope))
+
+
+def test_void_aware_box_ap_hides_only_detections_on_void_regions():
+    """Two small void regions in opposite corners: one box around all void pixels spans the
+    frame and hid the false positive in the middle; a box per region does not."""
+    from cellseg.data.coco import categories
+    from cellseg.evaluation.evaluate import void_crowd_annotations
+
+    void = np.zeros((100, 200), bool)
+    void[0:6, 190:200] = True  # top right
+    void[94:100, 0:6] = True  # bottom left
+    gt_doc = {
+        "images": [{"id": 1, "width": 200, "height": 100}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10.0, 10.0, 20.0, 20.0]}
+            | {"area": 400, "iscrowd": 0}
+        ],
+        "categories": categories(),
+    }
+
+    def det(x, y, w, h, score):
+        return {"image_id": 1, "category_id": 1, "bbox": [x, y, w, h], "score": score}
+
+    results = [
+        det(190.0, 0.0, 10.0, 6.0, 0.95),  # on the top-right void region: forgiven
+        det(100.0, 50.0, 20.0, 20.0, 0.9),  # on nothing: a false positive
+        det(10.0, 10.0, 20.0, 20.0, 0.8),  # the cell
+    ]
+    crowd = void_crowd_annotations(1, void, start_id=2)
+    assert len(crowd) == 2 * 3  # two regions, one annotation per class each
+    assert sorted(tuple(a["bbox"]) for a in crowd[::3]) == [(0, 94, 6, 6), (190, 0, 10, 6)]
+    fair = coco_map({**gt_doc, "annotations": gt_doc["annotations"] + crowd}, results, "bbox")
+    assert fair["map50"] == pytest.approx(coco_ap_by_hand(["ignored", "fp", "tp"], 1))
+    assert fair["map50"] == pytest.approx(0.5)
+
+    # the old definition: one crowd box around every void pixel hides the false positive too
+    whole = {"bbox": [0.0, 0.0, 200.0, 100.0], "segmentation": encode_rle(void), "area": 72}
+    old = [{**a, **whole} for a in crowd[:3]]
+    hidden = coco_map({**gt_doc, "annotations": gt_doc["annotations"] + old}, results, "bbox")
+    assert hidden["map50"] == pytest.approx(coco_ap_by_hand(["ignored", "ignored", "tp"], 1))
+    assert hidden["map50"] == pytest.approx(1.0)
+    strict = coco_map(gt_doc, results, "bbox")
+    assert strict["map50"] == pytest.approx(coco_ap_by_hand(["fp", "fp", "tp"], 1))

@@ -8,6 +8,7 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from cellseg.data.manifest import FORMAT as DATASET_FORMAT
 from pipelines.compile import DEFAULT_OUTPUT, compile_pipeline
 
 
@@ -108,6 +109,9 @@ def test_only_conversion_is_cached(committed):
         tasks["convert"]["inputs"]["parameters"]["data_md5"]["taskOutputParameter"]["producerTask"]
         == "data-version"
     )
+    # a new converter (dataset format) misses the cache: old conversions are not reused
+    fmt = tasks["convert"]["inputs"]["parameters"]["dataset_format"]["runtimeValue"]["constant"]
+    assert fmt == DATASET_FORMAT
 
 
 def test_promotion_runs_under_the_gate(committed):
@@ -151,15 +155,39 @@ def test_the_gate_gets_the_champion_scored_on_this_runs_split(committed):
     assert evaluated == champion  # the same converted split as the challenger's evaluation
 
 
-def test_every_step_that_talks_to_mlflow_reads_the_credential_from_the_secret(committed):
+def test_training_steps_retry_and_pass_their_pod_and_sizes(committed):
+    pipeline, _ = committed
     _, k8s = executors(committed)
-    steps = ("train", "train-2", "evaluate", "score-champion", "register", "promote")
-    for step in steps:
-        (secret,) = k8s[f"exec-{step}"]["secretAsEnv"]
-        assert secret["secretName"] == "cellseg-mlflow-auth" and secret["optional"] is True, step
-        envs = {e["envVar"]: e["secretKey"] for e in secret["keyToEnv"]}
-        assert envs == {
-            "MLFLOW_TRACKING_USERNAME": "username",
-            "MLFLOW_TRACKING_PASSWORD": "password",
-        }
-    assert "secretAsEnv" not in k8s.get("exec-convert", {})  # no MLflow there, no credential
+    tasks = pipeline["root"]["dag"]["tasks"]
+    defaults = pipeline["root"]["inputDefinitions"]["parameters"]
+    assert "checkpoint_root" not in defaults  # the mounts are fixed: no parameter pretends not
+    sizes = {"train_cpu_per_node": "8", "train_memory_per_node": "64Gi",
+             "train_shm_per_node": "16Gi"}  # fmt: skip
+    for name, value in sizes.items():
+        assert defaults[name]["defaultValue"] == value, name
+    for step in TRAINING_TASKS:
+        retry = tasks[step]["retryPolicy"]
+        assert retry["maxRetryCount"] == 2 and retry["backoffDuration"] == "120s"
+        assert retry["backoffFactor"] == 2.0
+        params = tasks[step]["inputs"]["parameters"]
+        assert params["memory_per_node"]["componentInputParameter"] == "train_memory_per_node"
+        assert params["pending_timeout_minutes"]["componentInputParameter"] == (
+            "pending_timeout_minutes"
+        )
+        executor = tasks[step]["componentRef"]["name"].replace("comp-", "exec-")
+        env = {e["name"]: e["fieldPath"] for e in k8s[executor]["fieldPathAsEnv"]}
+        assert env == {"POD_NAME": "metadata.name", "POD_UID": "metadata.uid"}
+
+
+def test_the_steps_that_call_mlflow_read_its_optional_login(committed):
+    """Where MLflow authenticates (overlays/kubeflow) these steps log in; elsewhere the Secret
+    is absent and optional, so nothing changes."""
+    _, k8s = executors(committed)
+    with_login = {
+        name
+        for name, config in k8s.items()
+        for secret in config.get("secretAsEnv", [])
+        if secret["secretName"] == "cellseg-mlflow-auth" and secret["optional"]
+    }
+    assert with_login == {"exec-train", "exec-train-2", "exec-evaluate", "exec-score-champion",
+                          "exec-register", "exec-promote"}  # fmt: skip

@@ -19,6 +19,18 @@ def discs(shape, centres, r):
     return inst
 
 
+def test_a_perfectly_predicted_small_disk_whose_marker_is_too_small_is_one_instance():
+    # radius 4: 49 px, above min_instance_area, but its marker (after the opening) is under 30
+    truth = discs((40, 40), [(20, 20)], 4)
+    fg, hv = (truth > 0).astype(np.float32), hv_maps(truth)
+    params = PostprocessParams(min_marker_area=30, keep_markerless=True)
+    labels = watershed_instances(fg, hv, params)
+    assert labels.max() == 1
+    assert np.array_equal(labels > 0, truth > 0)
+    # off (the default, and uni-gpu's): the disk is lost, as before
+    assert watershed_instances(fg, hv, PostprocessParams(min_marker_area=30)).max() == 0
+
+
 def test_two_touching_discs_with_exact_hv_maps_are_separated():
     truth = discs((100, 140), [(50, 45), (50, 93)], 25)  # 48 px apart: they touch
     assert len(np.unique(truth)) == 3

@@ -24,7 +24,8 @@ def test_masks_of_known_discs_and_ellipses_reach_iou_above_0_9():
     for i, (cy, cx, ry, rx) in enumerate(shapes, start=1):
         assert iou(instance == i, ellipse(160, 220, cy, cx, ry, rx)) > 0.9
     assert kept == boxes and set(np.unique(classes)) == {0, 1}
-    assert not void.any()  # every stained pixel lies in a box
+    # every stained cell has a box: void is at most the blurred stain's rim outside the masks
+    assert void.sum() < 0.05 * (instance > 0).sum()
 
 
 def test_an_empty_box_falls_back_to_its_inscribed_ellipse():
@@ -56,3 +57,16 @@ def test_stained_pixels_outside_every_box_form_the_void_region():
     _, _, void, _ = instances_from_boxes(image, boxes, MaskParams(), MaskCounts())
     assert iou(void, ellipse(100, 200, 50, 150, 25, 25)) > 0.9
     assert not void[:, :100].any()
+
+
+def test_stained_pixels_no_box_can_take_are_void_not_background():
+    # an annotated cell, an unannotated speck 3 px from its box (in what used to be a margin
+    # that never counted as void, and below the old 150 px minimum), and a lone 5 px speck
+    shapes = [(50, 50, 20, 20), (50, 77, 3, 3), (15, 150, 1, 1)]
+    image = disc_image(100, 200, shapes)
+    boxes = [Box(30, 30, 71, 71, 1)]
+    instance, _, void, _ = instances_from_boxes(image, boxes, MaskParams(), MaskCounts())
+    speck = ellipse(100, 200, 50, 77, 3, 3)
+    assert void[speck].mean() > 0.9 and not instance[speck].any()
+    assert void[14:17, 149:152].any()
+    assert not (void & (instance > 0)).any()

@@ -33,7 +33,6 @@ def test_phase2_without_its_input_model_fails_before_anything_runs(tmp_path):
             tmp_path,
             tmp_path / "out",
             None,
-            "",
             "r",
             {},
             "",

@@ -78,6 +78,7 @@ def test_run_uploads_a_version_and_starts_a_run_in_the_experiment(spec):
     run = client.run_pipeline.call_args.kwargs
     assert run["pipeline_id"] == "p-1" and run["version_id"] == "v-1"
     assert run["experiment_id"] == "e-1" and run["params"] == params
+    assert run["service_account"] == "cellseg-pipeline"  # the account the RBAC is written for
 
 
 def test_schedule_replaces_the_existing_recurring_run_instead_of_duplicating(spec):
@@ -94,6 +95,7 @@ def test_schedule_replaces_the_existing_recurring_run_instead_of_duplicating(spe
     assert created["cron_expression"] == "0 0 3 * * 1" and created["job_name"] == "cellseg-retrain"
     assert created["max_concurrency"] == 1 and created["no_catchup"] is True
     assert created["params"] == {"data_md5": ""}  # the newest data revision at run time
+    assert created["service_account"] == "cellseg-pipeline"
     client.upload_pipeline.assert_not_called()  # the pipeline exists: only a new version
 
 
@@ -137,3 +139,21 @@ def test_cluster_runs_carry_the_same_tags_as_local_runs():
     assert tags["cellseg.profile"] == "uni-gpu" == params["profile"]
     assert tags["cellseg.data_md5"] == "abc.dir" and tags["cellseg.image"] == params["image"]
     assert set(tags) >= {"cellseg.git_commit", "cellseg.profile", "cellseg.image"}
+
+
+def test_the_default_namespace_is_the_one_the_manifests_use(monkeypatch, tmp_path):
+    """Without KFP_NAMESPACE, runs go where the volumes, RBAC and runtime are (cellseg)."""
+    import yaml
+
+    seen = {}
+
+    def fake_client(host, namespace, token):
+        seen["namespace"] = namespace
+        return kfp_client(pipeline_id="p-1", recurring=[])
+
+    monkeypatch.setenv("KFP_HOST", "https://kfp.example/pipeline")
+    monkeypatch.delenv("KFP_NAMESPACE", raising=False)
+    monkeypatch.setattr(submit, "make_client", fake_client)
+    assert submit.main(["unschedule"]) == 0
+    base = Path(__file__).resolve().parents[2] / "manifests" / "base" / "kustomization.yaml"
+    assert seen["namespace"] == yaml.safe_load(base.read_text())["namespace"] == "cellseg"

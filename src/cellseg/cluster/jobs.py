@@ -75,6 +75,7 @@ class JobSpec:
     backoff_limit: int = 3
     timeout_seconds: int = 3 * 24 * 3600  # the job's deadline and the launcher's wait (running)
     ttl_seconds_after_finished: int = 7 * 24 * 3600
+    owner_pod: tuple[str, str] = ()  # (name, uid) of the step's pod: the job goes with it
 
     def __post_init__(self):
         if self.nodes < 1 or self.gpus_per_node < 1:
@@ -102,12 +103,18 @@ def _metadata(spec: JobSpec) -> dict:
     labels = {"app.kubernetes.io/part-of": "cellseg-kfp"}
     if spec.queue_name:
         labels[QUEUE_LABEL] = spec.queue_name
-    return {
+    metadata = {
         "name": spec.name,
         "namespace": spec.namespace,
         "labels": labels,
         "annotations": {KEY_ANNOTATION: job_key(spec)},
     }
+    if spec.owner_pod:  # Kubernetes' garbage collector deletes the job when this pod goes
+        name, uid = spec.owner_pod
+        metadata["ownerReferences"] = [
+            {"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}
+        ]
+    return metadata
 
 
 def _env(spec: JobSpec) -> list[dict]:
@@ -124,14 +131,23 @@ def _env(spec: JobSpec) -> list[dict]:
             },
         },
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *MLFLOW_CREDENTIALS,
     ]
     if spec.mlflow_uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": spec.mlflow_uri})
-        for key, name in (("username", "MLFLOW_TRACKING_USERNAME"),
-                          ("password", "MLFLOW_TRACKING_PASSWORD")):  # fmt: skip
-            ref = {"name": cluster.MLFLOW_AUTH_SECRET, "key": key, "optional": True}
-            env.append({"name": name, "valueFrom": {"secretKeyRef": ref}})
     return env
+
+
+# MLflow's own login where it runs with authentication (overlays/kubeflow); optional elsewhere.
+MLFLOW_CREDENTIALS = [
+    {
+        "name": key,
+        "valueFrom": {
+            "secretKeyRef": {"name": cluster.MLFLOW_AUTH_SECRET, "key": key, "optional": True}
+        },
+    }
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+]
 
 
 def _resources(spec: JobSpec) -> dict:
@@ -164,7 +180,14 @@ CONTAINER_SECURITY = {
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
 }
-POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000}
+POD_SECURITY = {  # Pod Security "restricted"
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+# Istio would inject a sidecar in a Kubeflow profile namespace; it keeps a finished pod running.
+POD_LABELS = {"app.kubernetes.io/name": "cellseg-train", "sidecar.istio.io/inject": "false"}
 
 
 def _replica(spec: JobSpec, replicas: int) -> dict:
@@ -181,7 +204,7 @@ def _replica(spec: JobSpec, replicas: int) -> dict:
         "replicas": replicas,
         "restartPolicy": "OnFailure",
         "template": {
-            "metadata": {"labels": {"app.kubernetes.io/name": "cellseg-train"}},
+            "metadata": {"labels": dict(POD_LABELS)},
             "spec": {
                 "serviceAccountName": cluster.TRAIN_SERVICE_ACCOUNT,
                 "securityContext": POD_SECURITY,
@@ -222,10 +245,13 @@ def build_pytorchjob(spec: JobSpec) -> dict:
 def build_trainjob(spec: JobSpec) -> dict:
     """The TrainJob manifest (Trainer v2) on the project's ``TrainingRuntime``."""
     pod_patch = {
+        "securityContext": POD_SECURITY,  # as the runtime's, should another runtime lack it
         "nodeSelector": dict(spec.node_selector),
         "tolerations": [dict(t) for t in spec.tolerations],
+        "volumes": [v for v in pod_volumes(spec.shm) if v["name"] == "dshm"],  # its size
     }
-    node_patch = {"name": "node", "template": {"spec": {"template": {"spec": pod_patch}}}}
+    pod = {"metadata": {"labels": dict(POD_LABELS)}, "spec": pod_patch}
+    node_patch = {"name": "node", "template": {"spec": {"template": pod}}}
     job = {
         "apiVersion": f"{TRAINJOB.group}/{TRAINJOB.version}",
         "kind": TRAINJOB.kind,

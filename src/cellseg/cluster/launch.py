@@ -2,21 +2,36 @@
 
 Waiting uses a watch on the job from its ``resourceVersion``: a watch that expires (410 Gone)
 or a connection that drops is re-synced with a fresh read, never fatal. A job Kueue holds
-suspended is *queued*, not failed: the running timeout counts from admission, and a separate
-queue timeout says clearly that the job never left the queue. A retried step whose job already
-exists (409) adopts it when it is the same job (same ``cellseg.kfp/job-key``) and replaces it
-when it failed. A job the API server rejects is one line naming the field.
+suspended is *queued*, not failed: the running timeout counts from the last admission, a job
+suspended again after admission (preempted) is queued once more, and a separate queue timeout,
+from the last suspension, says clearly that the job never left the queue. While the job runs,
+its pods are read for failures only they show (:mod:`cellseg.cluster.pods`) and rank 0's log is
+streamed (:mod:`cellseg.cluster.logs`). A retried step whose job already exists (409) adopts it
+when it is the same job (same ``cellseg.kfp/job-key``) and replaces it when it failed. A job the
+API server rejects, or an engine whose CRD is missing, is one line. SIGTERM deletes the job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
 from cellseg.cluster.jobs import ENGINES, KEY_ANNOTATION, QUEUE_LABEL, Engine, JobSpec, build_job
+from cellseg.cluster.logs import LogFollower, pod_log_stream
+from cellseg.cluster.pods import DEFAULT_LIMITS, Limits, pod_failure
 from cellseg.errors import JobFailed
+
+INSTALL = {  # what a cluster without the engine's API needs
+    "trainjob": "install Kubeflow Trainer v2.3+ and the project's TrainingRuntime "
+    "(manifests/components/trainer-v2), or use training_engine=pytorchjob",
+    "pytorchjob": "install the Kubeflow Training Operator v1.9, or use training_engine=trainjob "
+    "(Kubeflow Trainer v2)",
+}
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,13 @@ def rejection(engine: Engine, job: dict, err) -> str:
     return f"{name} rejected by the API server: {message}"
 
 
+def missing_api(engine: Engine) -> str:
+    return (
+        f"{engine.kind} ({engine.group}/{engine.version} {engine.plural}) is not served by this "
+        f"cluster: {INSTALL[engine.name]}"
+    )
+
+
 def _is_disconnect(err: Exception) -> bool:
     """A dropped or refused connection, as urllib3 (under the kubernetes client) reports it."""
     from urllib3.exceptions import MaxRetryError, ProtocolError, ReadTimeoutError
@@ -74,16 +96,22 @@ class JobRunner:
         poll_seconds: float = 10.0,
         delete_timeout: float = 300.0,
         out=sys.stdout,
+        limits: Limits = DEFAULT_LIMITS,
+        progress_every: float = 30.0,
     ):
         from kubernetes import client
 
         self.engine = engine
+        self.api = api_client
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
         self.poll_seconds = poll_seconds
         self.delete_timeout = delete_timeout
         self.out = out
-        self._shown: dict[str, int] = {}
+        self.limits = limits
+        self.progress_every = progress_every  # carriage-return progress: one line this often
+        self._follower: LogFollower | None = None
+        self._follower_pod: str | None = None
 
     def _address(self, namespace: str) -> tuple:
         e = self.engine
@@ -132,6 +160,8 @@ class JobRunner:
             except ApiException as err:
                 if err.status in (400, 422):
                     raise JobFailed(rejection(self.engine, job, err)) from None
+                if err.status == 404 and not self.served():
+                    raise JobFailed(missing_api(self.engine)) from None
                 if err.status != 409:
                     raise
             existing = self.get(name, namespace)
@@ -143,7 +173,7 @@ class JobRunner:
             if same and state != "failed":
                 print(f"{self.engine.kind} {namespace}/{name}: already {state}, following it",
                       file=self.out)  # fmt: skip
-                return existing
+                return self.adopt(existing, job)
             if not same and state in ("running", "queued"):
                 raise JobFailed(
                     f"{self.engine.kind} {namespace}/{name} exists, is {state} and is not this "
@@ -152,39 +182,119 @@ class JobRunner:
             self.delete(name, namespace)  # failed, or finished and different: start afresh
         raise JobFailed(f"{self.engine.kind} {namespace}/{name}: could not be created")
 
-    def _pod_log(self, pod: str, namespace: str) -> list[str]:
+    def served(self) -> bool:
+        """Whether the API server serves the engine's resource (its CRD is installed)."""
         from kubernetes.client.exceptions import ApiException
 
+        e = self.engine
+        try:
+            found = self.api.call_api(
+                f"/apis/{e.group}/{e.version}", "GET", response_type="object",
+                auth_settings=["BearerToken"], _return_http_data_only=True,
+            )  # fmt: skip
+        except ApiException as err:
+            if err.status == 404:
+                return False
+            raise
+        return any(r.get("name") == e.plural for r in (found or {}).get("resources", []))
+
+    def adopt(self, existing: dict, job: dict) -> dict:
+        """``existing`` made this step's: owned by this step's pod (the garbage collector then
+        deletes it with this pod, not with the pod of the attempt that created it)."""
+        owners = job["metadata"].get("ownerReferences")
+        if not owners or existing["metadata"].get("ownerReferences") == owners:
+            return existing
+        name, namespace = existing["metadata"]["name"], existing["metadata"]["namespace"]
+        patch = {"metadata": {"ownerReferences": owners}}
+        return self.custom.patch_namespaced_custom_object(*self._address(namespace), name, patch)
+
+    def _pod_log(self, pod: str, namespace: str, tail: int = 0, previous=False) -> list[str]:
+        from kubernetes.client.exceptions import ApiException
+
+        extra = {"tail_lines": tail} if tail else {}
         try:
             text = self.core.read_namespaced_pod_log(
-                pod, namespace, container=self.engine.container
+                pod, namespace, container=self.engine.container, previous=previous, **extra
             )
         except ApiException:
-            return []  # not started yet
+            return []  # not started yet, or no previous container
         return text.splitlines()
 
-    def _pods(self, name: str, namespace: str) -> list[str]:
+    def _pods(self, name: str, namespace: str) -> list:
         selector = f"{self.engine.pod_label}={name}"
         pods = self.core.list_namespaced_pod(namespace, label_selector=selector).items
-        return sorted(p.metadata.name for p in pods)
-
-    def show_new_lines(self, name: str, namespace: str) -> None:
-        """The first pod's (rank 0's) log lines not shown yet."""
-        pods = self._pods(name, namespace)
-        if not pods:
-            return
-        lines = self._pod_log(pods[0], namespace)
-        shown = self._shown.get(pods[0], 0)
-        for line in lines[shown:]:
-            print(line, file=self.out, flush=True)
-        self._shown[pods[0]] = max(shown, len(lines))
+        return sorted(pods, key=lambda p: p.metadata.name)
 
     def last_lines(self, name: str, namespace: str, n: int = 20) -> str:
         parts = []
         for pod in self._pods(name, namespace):
-            lines = self._pod_log(pod, namespace)[-n:]
-            parts.append(f"--- {pod} ---\n" + "\n".join(lines))
+            lines = self._pod_log(pod.metadata.name, namespace, tail=n)
+            parts.append(f"--- {pod.metadata.name} ---\n" + "\n".join(lines))
         return "\n".join(parts)
+
+    def stuck_pod(self, pods: list, namespace: str) -> str | None:
+        """The first pod stuck for good (:mod:`cellseg.cluster.pods`) as one line, followed by
+        the crashed container's last log lines; None while every pod may still make progress."""
+        if not pods:
+            return None
+        events = self.core.list_namespaced_event(
+            namespace, field_selector="involvedObject.kind=Pod"
+        ).items
+        by_pod: dict[str, list[dict]] = {}
+        for event in events:
+            by_pod.setdefault(event.involved_object.name, []).append(
+                self.api.sanitize_for_serialization(event)
+            )
+        now = time.time()
+        for pod in pods:
+            as_dict = self.api.sanitize_for_serialization(pod)
+            failure = pod_failure(as_dict, by_pod.get(pod.metadata.name, []), now, self.limits)
+            if failure is None:
+                continue
+            report = failure.line()
+            if failure.wants_log:
+                name = pod.metadata.name
+                lines = self._pod_log(name, namespace, 20, previous=True) or self._pod_log(
+                    name, namespace, 20
+                )
+                report += "".join(f"\n  {line}" for line in lines)
+            return report
+        return None
+
+    def follow_rank0(self, pods: list, namespace: str) -> None:
+        """Stream the first pod's (rank 0's) log; a new rank-0 pod gets a new stream."""
+        rank0 = pods[0].metadata.name if pods else None
+        if rank0 is None or (self._follower and self._follower_pod == rank0):
+            return
+        self.stop_following()
+        stream = pod_log_stream(self.core, namespace, rank0, self.engine.container)
+        emit = lambda line: print(line, file=self.out, flush=True)  # noqa: E731
+        self._follower = LogFollower(stream, emit, self.progress_every).start()
+        self._follower_pod = rank0
+
+    def stop_following(self, seconds: float = 3.0) -> None:
+        if self._follower is not None:
+            self._follower.stop(seconds)
+        self._follower, self._follower_pod = None, None
+
+    def eviction(self, job: dict) -> str:
+        """Why Kueue suspended an admitted job: its Workload's Evicted/Preempted condition."""
+        uid = job["metadata"].get("uid")
+        try:
+            workloads = self.custom.list_namespaced_custom_object(
+                "kueue.x-k8s.io", "v1beta1", job["metadata"]["namespace"], "workloads",
+                label_selector=f"kueue.x-k8s.io/job-uid={uid}",
+            )["items"]  # fmt: skip
+        except Exception:  # no Kueue, no rights: the reason is unknown, not fatal
+            return ""
+        reasons = []
+        for workload in workloads:
+            for c in (workload.get("status") or {}).get("conditions") or []:
+                if c.get("type") in ("Evicted", "Preempted") and c.get("status") == "True":
+                    reasons.append(
+                        ": ".join(x for x in (c["type"], c.get("reason"), c.get("message")) if x)
+                    )
+        return "; ".join(reasons)
 
     def next_version(self, job: dict, seconds: float) -> dict | None:
         """The job after its next change, or as it is after ``seconds`` without one; None once
@@ -226,12 +336,20 @@ class JobRunner:
 
     def wait(self, job: dict, timeout_seconds: float, queue_timeout_seconds: float) -> None:
         """Until the job succeeds; raises :class:`JobFailed` when it fails, is deleted, stays
-        queued longer than ``queue_timeout_seconds`` or runs longer than ``timeout_seconds``
-        after admission (then it is deleted too)."""
+        queued longer than ``queue_timeout_seconds`` (counted from its last suspension), runs
+        longer than ``timeout_seconds`` after its last admission, or a pod is stuck for good
+        (then it is deleted too). A job Kueue suspends again after admission (preemption) waits
+        in the queue once more; its running deadline restarts when it is admitted again."""
+        try:
+            self._wait(job, timeout_seconds, queue_timeout_seconds)
+        finally:
+            self.stop_following()
+
+    def _wait(self, job: dict, timeout_seconds: float, queue_timeout_seconds: float) -> None:
         name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
         what = f"{self.engine.kind} {namespace}/{name}"
         queue = (job["metadata"].get("labels") or {}).get(QUEUE_LABEL, "")
-        started, admitted = time.monotonic(), None
+        suspended_since, admitted, ever_admitted = time.monotonic(), None, False
         current: dict | None = job
         while True:
             if current is None:
@@ -239,29 +357,75 @@ class JobRunner:
             status = job_status(self.engine, current)
             now = time.monotonic()
             if status.state == "succeeded":
-                self.show_new_lines(name, namespace)
                 return
             if status.state == "failed":
                 tails = self.last_lines(name, namespace)
                 raise JobFailed(f"{what} failed: {status.detail}\n{tails}".rstrip())
             if status.state == "queued":
-                left = started + queue_timeout_seconds - now
+                if admitted is not None:  # suspended again after admission: preempted
+                    self.stop_following()
+                    why = self.eviction(current) or "no Workload condition says why"
+                    print(f"{what}: suspended again after admission ({why}); waiting in "
+                          f"{queue or 'the queue'}", file=self.out, flush=True)  # fmt: skip
+                    admitted, suspended_since = None, now
+                left = suspended_since + queue_timeout_seconds - now
                 if left <= 0:
                     self.delete(name, namespace)
+                    never = "not re-admitted" if ever_admitted else "never admitted, nothing ran"
                     raise JobFailed(
                         f"{what} expired while queued in {queue or 'Kueue'} after "
-                        f"{queue_timeout_seconds:.0f} s: never admitted, nothing ran; deleted"
+                        f"{queue_timeout_seconds:.0f} s: {never}; deleted"
                     )
             else:
-                admitted = admitted or now
+                if admitted is None:
+                    if ever_admitted:
+                        print(f"{what}: admitted again; its running deadline restarts",
+                              file=self.out, flush=True)  # fmt: skip
+                    admitted, ever_admitted = now, True
                 left = admitted + timeout_seconds - now
                 if left <= 0:
                     self.delete(name, namespace)
                     raise JobFailed(
                         f"{what} not finished {timeout_seconds:.0f} s after admission; deleted"
                     )
-                self.show_new_lines(name, namespace)
+                pods = self._pods(name, namespace)
+                stuck = self.stuck_pod(pods, namespace)
+                if stuck is not None:
+                    self.delete(name, namespace)
+                    first, _, tail = stuck.partition("\n")
+                    raise JobFailed(f"{what}: {first}; deleted\n{tail}".rstrip())
+                self.follow_rank0(pods, namespace)
             current = self.next_version(current, min(self.poll_seconds, left))
+
+
+class Cancelled(BaseException):
+    """SIGTERM (a terminated pipeline run): not an ``Exception``, so no retry loop swallows it."""
+
+
+@contextlib.contextmanager
+def deleted_on_sigterm(runner: JobRunner, name: str, namespace: str):
+    """Delete the job when the step is terminated, before the process exits (KFP gives the
+    step's pod its grace period, 30 s by default)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers live in the main thread only
+        return
+
+    def on_sigterm(signum, frame):
+        raise Cancelled
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    except Cancelled:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the delete
+        runner.stop_following(0.5)
+        runner.delete_timeout = min(runner.delete_timeout, 20.0)
+        runner.delete(name, namespace)
+        print(f"{runner.engine.kind} {namespace}/{name}: deleted (SIGTERM)", file=runner.out,
+              flush=True)  # fmt: skip
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_job(
@@ -269,8 +433,10 @@ def run_job(
     spec: JobSpec,
     api_client=None,
     queue_timeout_seconds: float = 7 * 24 * 3600,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> None:
-    """Submit ``spec`` as a job of ``engine`` and wait (in-cluster credentials by default)."""
+    """Submit ``spec`` as a job of ``engine`` and wait (in-cluster credentials by default); on
+    SIGTERM the job is deleted."""
     if api_client is None:
         from kubernetes import client, config
 
@@ -278,6 +444,7 @@ def run_job(
         api_client = client.ApiClient()
     if engine not in ENGINES:
         raise JobFailed(f"training engine {engine!r}: expected one of {', '.join(ENGINES)}")
-    runner = JobRunner(ENGINES[engine], api_client)
-    created = runner.submit(build_job(engine, spec))
-    runner.wait(created, spec.timeout_seconds, queue_timeout_seconds)
+    runner = JobRunner(ENGINES[engine], api_client, limits=limits)
+    with deleted_on_sigterm(runner, spec.name, spec.namespace):
+        created = runner.submit(build_job(engine, spec))
+        runner.wait(created, spec.timeout_seconds, queue_timeout_seconds)

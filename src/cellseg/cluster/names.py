@@ -15,7 +15,7 @@ DATASETS_PVC, DATASETS_MOUNT = "cellseg-datasets", "/mnt/datasets"
 CHECKPOINTS_PVC, CHECKPOINTS_MOUNT = "cellseg-checkpoints", "/mnt/checkpoints"
 HF_CACHE_PVC, HF_CACHE_MOUNT = "cellseg-hf-cache", "/cache/huggingface"
 HF_TOKEN_SECRET = "cellseg-hf-token"  # key HF_TOKEN; optional (UNI is gated)
+MLFLOW_AUTH_SECRET = "cellseg-mlflow-auth"  # MLFLOW_TRACKING_USERNAME/PASSWORD; optional
+PIPELINE_SERVICE_ACCOUNT = "cellseg-pipeline"  # the runs' account (manifests/base/rbac.yaml)
 TRAIN_SERVICE_ACCOUNT = "cellseg-train"  # the training pods' account: no API rights
 MLFLOW_URI = "http://mlflow.cellseg.svc.cluster.local:5000"
-# keys username, password; optional (the mlflow-team overlay's basic-auth server needs it)
-MLFLOW_AUTH_SECRET = "cellseg-mlflow-auth"

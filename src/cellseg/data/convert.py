@@ -12,7 +12,6 @@ Output directory (written to a temporary sibling and renamed at the end)::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -35,6 +34,7 @@ from cellseg.data.source import voc_md5
 from cellseg.data.voc import CleanupCounts, clean_boxes, parse_voc
 from cellseg.errors import DataError
 from cellseg.overlay import draw_overlay
+from cellseg.threads import cpu_budget
 
 
 @dataclass
@@ -174,7 +174,7 @@ def convert_dataset(
         for sub in ("images", "targets", "coco", "preview"):
             (work / sub).mkdir()
         jobs = [(source, stem, split, work, params) for stem, split in jobs_meta]
-        workers = workers or min(os.cpu_count() or 1, 8)
+        workers = workers or min(cpu_budget(), 8)
         with ProcessPoolExecutor(workers) as pool:
             results = list(
                 tqdm(

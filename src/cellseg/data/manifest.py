@@ -13,7 +13,7 @@ from cellseg.atomic import write_text
 from cellseg.classes import CLASS_IDS
 from cellseg.errors import DataError
 
-FORMAT = "cellseg-dataset/1"
+FORMAT = "cellseg-dataset/2"  # 2: unassigned stained pixels are void (issue 23)
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 

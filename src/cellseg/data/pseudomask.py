@@ -12,6 +12,10 @@ Between boxes of similar size (touching red cells) a pixel goes to the cell whos
 nearer in box-normalised distance ((dx / half-width)^2 + (dy / half-height)^2); on equal
 distance the smaller box, then the later one in the annotation, wins. Each
 instance then keeps only its largest connected piece.
+
+Void: every stained pixel no instance took (an unannotated cell, the part of a cell under
+another box, a speck, a stained rim just outside a mask) is *void*: no loss term or metric
+counts it as background, since nobody can tell what it is.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
-from skimage.morphology import convex_hull_image, disk, remove_small_objects
+from skimage.morphology import convex_hull_image, disk
 
 from cellseg.data.voc import Box
 
@@ -33,8 +37,6 @@ class MaskParams:
     min_box_share: float = 0.35  # below this share of its box, a mask is implausible
     max_box_share: float = 0.97  # above it, the mask leaked into neighbours or background
     opening_radius: int = 2
-    void_margin: int = 6  # pixels around boxes that never count as unlabelled cells
-    void_min_area: int = 150  # smaller unlabelled specks are noise, not cells
     min_instance_area: int = 16
     min_box_side: int = 4
     duplicate_iou: float = 0.9
@@ -141,9 +143,6 @@ def instances_from_boxes(
         instance[region][mine] = len(kept)
         classes[region][mine] = box.label
 
-    boxed = np.zeros((h, w), bool)
-    m = params.void_margin
-    for box in boxes:
-        boxed[max(box.y0 - m, 0) : box.y1 + m, max(box.x0 - m, 0) : box.x1 + m] = True
-    void = remove_small_objects(fg & ~boxed, max_size=params.void_min_area - 1)
+    # stained pixels that no instance holds: unknown, not background
+    void = fg & (instance == 0)
     return instance, classes, void, kept

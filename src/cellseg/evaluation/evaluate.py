@@ -2,8 +2,9 @@
 
 Every figure is computed twice where it differs: *strict* (every unmatched prediction is a false
 positive) and *void-aware* (predictions lying in the void region of unannotated cells are not
-counted against the model; for COCO mAP the void region enters as ``iscrowd`` ground truth, which
-COCOeval ignores matches to).
+counted against the model; for COCO mAP each connected void region enters as one ``iscrowd``
+ground truth with its own box, and COCOeval ignores the detections it matches, so a detection
+away from every void region still counts as a false positive).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from cellseg.atomic import staged_dir
@@ -44,29 +46,37 @@ def instance_classes(instance: np.ndarray, classes: np.ndarray) -> np.ndarray:
 
 
 def void_crowd_annotations(image_id: int, void: np.ndarray, start_id: int) -> list[dict]:
-    """The void region as one ``iscrowd`` annotation per category (COCOeval ignores matches)."""
-    if not void.any():
-        return []
-    rle = encode_rle(void)
-    ys, xs = np.nonzero(void)
-    box = [
-        float(xs.min()),
-        float(ys.min()),
-        float(xs.max() - xs.min() + 1),
-        float(ys.max() - ys.min() + 1),
-    ]
-    return [
-        {
-            "id": start_id + k,
-            "image_id": image_id,
-            "category_id": k + 1,
-            "segmentation": rle,
-            "area": int(void.sum()),
-            "bbox": box,
-            "iscrowd": 1,
-        }
-        for k in range(len(CLASS_NAMES))
-    ]
+    """Each connected void region (8-connected) as one ``iscrowd`` annotation per category,
+    with the region's own mask and bounding box.
+
+    COCOeval ignores a detection that matches a crowd annotation (box IoU computed against the
+    crowd's area), so one box around *all* void pixels, which often spans the frame, would
+    hide every false positive; a box per region hides only detections on that region.
+    """
+    labels, _ = ndi.label(void, structure=np.ones((3, 3), bool))
+    found = []
+    for region_id, (rows, cols) in enumerate(ndi.find_objects(labels), start=1):
+        region = labels == region_id
+        rle = encode_rle(region)
+        box = [
+            float(cols.start),
+            float(rows.start),
+            float(cols.stop - cols.start),
+            float(rows.stop - rows.start),
+        ]
+        for k in range(len(CLASS_NAMES)):
+            found.append(
+                {
+                    "id": start_id + len(found),
+                    "image_id": image_id,
+                    "category_id": k + 1,
+                    "segmentation": rle,
+                    "area": int(region.sum()),
+                    "bbox": box,
+                    "iscrowd": 1,
+                }
+            )
+    return found
 
 
 @dataclass
@@ -142,16 +152,29 @@ class Scores:
     per_image: list[tuple] = field(default_factory=list)  # (PQ, stem, instances) for overlays
 
 
+def predict_chunks(data: Path, images: list[dict], predictor):
+    """(image record, sample, instances) per image; a predictor with ``predict_batch`` gets
+    ``batch_size`` images at a time, a plain callable one at a time."""
+    batch = getattr(predictor, "batch_size", 1) if hasattr(predictor, "predict_batch") else 1
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        samples = [load_sample(data, Path(im["file_name"]).stem) for im in chunk]
+        if batch > 1:
+            found = predictor.predict_batch([s["image"] for s in samples])
+        else:
+            found = [predictor(s["image"]) for s in samples]
+        yield from zip(chunk, samples, found, strict=True)
+
+
 def score_images(data: Path, images: list[dict], predictor, first_crowd_id: int, desc: str):
-    """Run ``predictor`` on each image and score it against the converted ground truth."""
+    """Run ``predictor`` on the images and score each against the converted ground truth."""
     scores = Scores()
-    for im in tqdm(images, desc=desc, unit="img", file=sys.stderr):
+    chunks = predict_chunks(data, images, predictor)
+    for im, sample, inst in tqdm(chunks, total=len(images), desc=desc, unit="img", file=sys.stderr):
         stem = Path(im["file_name"]).stem
-        sample = load_sample(data, stem)
         gt = sample["instance"].astype(np.int32)
         gt_cls = instance_classes(gt, sample["classes"])
         void = sample["ignore"]
-        inst = predictor(sample["image"])
         pq = scores.strict.add(gt, gt_cls, sample["classes"], inst, None)
         scores.void_aware.add(gt, gt_cls, sample["classes"], inst, void)
         scores.aji.append(aji(gt, inst.labels))
@@ -219,6 +242,8 @@ def evaluate(
     scores = score_images(data, images, predictor, first_crowd_id, f"evaluate {split}")
     summary, pr50 = summarise(scores, gt_doc)
     metrics = {"split": split, "images": len(images), "model": model_name, **summary}
+    if getattr(predictor, "chosen_phase", 0):  # which training phase's weights were scored
+        metrics["chosen_phase"] = predictor.chosen_phase
     with staged_dir(out) as work:
         (work / "overlays").mkdir()
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))

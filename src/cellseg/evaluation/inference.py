@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -45,48 +46,105 @@ def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return labels[rows][:, cols]
 
 
+def inference_device(preference: str = "auto") -> torch.device:
+    """``auto``: the GPU when one is visible, else the CPU; ``cpu``, ``cuda``, ``cuda:1``..."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {preference} asked for, but no CUDA device is visible (use auto)")
+    return device
+
+
 @dataclass
 class Predictor:
+    """``predictor(image)`` or ``predictor.predict_batch(images)``: instances per image.
+
+    Images go through the network ``batch_size`` at a time (images of one padded size share a
+    forward pass); on CUDA the forward runs under bf16 autocast, on the CPU in fp32, so CPU
+    results do not depend on the batching beyond float rounding.
+    """
+
     model: CellSegModel
     scale: float  # working resolution / native resolution
     device: torch.device
     params: PostprocessParams = field(default_factory=PostprocessParams)
+    batch_size: int = 8
+    chosen_phase: int = 0  # the training phase whose weights these are (0: unknown)
 
     @classmethod
-    def from_checkpoint(cls, path: Path, device: str = "cpu") -> Predictor:
+    def from_checkpoint(cls, path: Path, device: str = "auto", batch_size: int = 8) -> Predictor:
         model, meta = model_from_checkpoint(Path(path))
         # older checkpoints lack some keys: the defaults apply
         saved = {k: meta.config[k] for k in SAVED_PARAMS if k in meta.config}
         if "merge_touching" in saved:  # a YAML list in the saved config
             saved["merge_touching"] = tuple(saved["merge_touching"])
         params = PostprocessParams(**saved)
-        return cls(model.to(device), meta.scale, torch.device(device), params)
+        where = inference_device(device)
+        return cls(model.to(where), meta.scale, where, params, batch_size, meta.chosen_phase)
 
-    @torch.no_grad()
-    def probabilities(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """NP probability (h, w), HV (2, h, w), NC softmax (4, h, w) at working resolution."""
+    def _working_size(self, image: np.ndarray) -> tuple[int, int]:
         h, w = image.shape[:2]
-        wh, ww = max(16, round(h * self.scale)), max(16, round(w * self.scale))
+        return max(16, round(h * self.scale)), max(16, round(w * self.scale))
+
+    def _input(self, image: np.ndarray) -> torch.Tensor:
+        """(3, H, W) float in [0, 1] at working resolution, sides padded to multiples of 16."""
+        wh, ww = self._working_size(image)
         small = cv2.resize(image, (ww, wh), interpolation=cv2.INTER_AREA)
         x = torch.from_numpy(small.transpose(2, 0, 1).copy()).float().div(255).unsqueeze(0)
         ph, pw = math.ceil(wh / 16) * 16 - wh, math.ceil(ww / 16) * 16 - ww
-        x = F.pad(x, (0, pw, 0, ph), mode="replicate")  # sides to multiples of 16, cropped back
-        out = self.model(x.to(self.device))
-        np_prob = out["np"].float().softmax(1)[0, 1, :wh, :ww].cpu().numpy()
-        hv = out["hv"].float()[0, :, :wh, :ww].cpu().numpy()
-        nc_prob = out["nc"].float().softmax(1)[0, :, :wh, :ww].cpu().numpy()
-        return np_prob, hv, nc_prob
+        return F.pad(x, (0, pw, 0, ph), mode="replicate")[0]  # cropped back after the forward
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def probabilities_batch(self, images: list[np.ndarray]) -> list[tuple]:
+        """Per image: NP probability (h, w), HV (2, h, w), NC softmax (4, h, w) at working
+        resolution."""
+        inputs = [self._input(im) for im in images]
+        found: list[tuple | None] = [None] * len(images)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, x in enumerate(inputs):
+            by_shape.setdefault(tuple(x.shape), []).append(i)
+        for group in by_shape.values():
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start : start + self.batch_size]
+                x = torch.stack([inputs[i] for i in chunk]).to(self.device)
+                with self._autocast():
+                    out = self.model(x)
+                np_prob = out["np"].float().softmax(1)[:, 1].cpu().numpy()
+                hv = out["hv"].float().cpu().numpy()
+                nc_prob = out["nc"].float().softmax(1).cpu().numpy()
+                for k, i in enumerate(chunk):
+                    wh, ww = self._working_size(images[i])
+                    found[i] = (np_prob[k, :wh, :ww], hv[k, :, :wh, :ww], nc_prob[k, :, :wh, :ww])
+        return found
+
+    def probabilities(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """NP probability (h, w), HV (2, h, w), NC softmax (4, h, w) at working resolution."""
+        return self.probabilities_batch([image])[0]
+
+    def predict_batch(self, images: list[np.ndarray]) -> list[Instances]:
+        """Instances of each image at its own resolution."""
+        images = [as_rgb_uint8(im) for im in images]
+        for image in images:
+            h, w = image.shape[:2]
+            if h * w > MAX_PIXELS:
+                raise InputError(
+                    f"image is {w}x{h}, above the {MAX_PIXELS:,}-pixel limit; tile it first"
+                )
+            if min(h, w) < 16:
+                raise InputError(f"image is {w}x{h}; sides must be at least 16 pixels")
+        found = []
+        for image, probs in zip(images, self.probabilities_batch(images), strict=True):
+            inst = postprocess(*probs, self.params)
+            inst.labels = resize_labels(inst.labels, image.shape[:2])
+            found.append(inst)
+        return found
 
     def __call__(self, image: np.ndarray) -> Instances:
         """Instances at the image's own resolution."""
-        image = as_rgb_uint8(image)
-        h, w = image.shape[:2]
-        if h * w > MAX_PIXELS:
-            raise InputError(
-                f"image is {w}x{h}, above the {MAX_PIXELS:,}-pixel limit; tile it first"
-            )
-        if min(h, w) < 16:
-            raise InputError(f"image is {w}x{h}; sides must be at least 16 pixels")
-        inst = postprocess(*self.probabilities(image), self.params)
-        inst.labels = resize_labels(inst.labels, (h, w))
-        return inst
+        return self.predict_batch([image])[0]

@@ -46,6 +46,10 @@ class PostprocessParams:
     # boxed cells), so a border cell is a doubtful detection: ranking it lower raises strict AP
     # without dropping it. 1.0 = off.
     border_score: float = 1.0
+    # A foreground region whose markers all fell under min_marker_area (a small cell: a 4 px-
+    # radius platelet's marker is under 30 px) becomes one instance of its own instead of
+    # vanishing. Off by default, so checkpoints and profiles without the key behave as before.
+    keep_markerless: bool = False
 
 
 @dataclass
@@ -151,6 +155,11 @@ def watershed_instances(
     )
     markers = _components(markers, params.min_marker_area)
     labels = grow(distance, markers, fg)
+    if params.keep_markerless:
+        # the watershed floods each region that holds a marker (4-connected, as here), so what
+        # stays unlabelled is exactly the marker-less regions
+        orphans = _components(fg & (labels == 0), params.min_instance_area)
+        labels = np.where(orphans > 0, orphans + labels.max(), labels)
     return _consecutive(_remove_small(labels, params.min_instance_area))
 
 

@@ -13,6 +13,7 @@ model leaves the fresh adapters as they are (B = 0, so the function is unchanged
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ FORMAT = "cellseg-checkpoint/1"
 BEST, LATEST = "best", "latest"
 _PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 _LORA = re.compile(r"\.lora_(A|B)\.[^.]+\.weight$")
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # how torch's weights_only names a refused global
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written, so that the pipeline's
     import torch  # CPU steps can name and find checkpoints without it
@@ -67,6 +69,13 @@ class CheckpointMeta:
     native_size: tuple[int, int]  # (H, W) of the dataset's frames
     lora: dict | None  # {"rank": r, "alpha": a} when the backbone carries adapters
     config: dict  # the resolved training config, for the record
+    # the phase whose training produced these weights: a Phase 2 run keeps Phase 1's model as
+    # its best until it beats it on val (0 here: the checkpoint's ``phase``)
+    chosen_phase: int = 0
+
+    def __post_init__(self):
+        if not self.chosen_phase:
+            object.__setattr__(self, "chosen_phase", self.phase)
 
     @property
     def lora_scaling(self) -> float | None:
@@ -79,7 +88,8 @@ class CheckpointMeta:
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> CheckpointMeta:
-        values = {name: ckpt[name] for name in cls.__dataclass_fields__}
+        # checkpoints written before chosen_phase existed hold their own phase's weights
+        values = {name: ckpt.get(name, 0) for name in cls.__dataclass_fields__}
         values["image_size"] = tuple(values["image_size"])
         values["native_size"] = tuple(values["native_size"])
         return cls(**values)
@@ -124,8 +134,16 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused it: say why, in one line
+        found = _GLOBAL.search(str(err))
+        names = [found.group(1)] if found else foreign_globals(path)
+        what = f" ({', '.join(names)})" if names else ""
+        raise CheckpointError(
+            f"{path}: not a checkpoint this tool can load safely: it holds code{what}"
+        ) from None
     except Exception as err:  # a truncated or foreign file: say which
-        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
     found = ckpt.get("format") if isinstance(ckpt, dict) else None
     if found != FORMAT:
         raise CheckpointError(
@@ -133,6 +151,32 @@ def load_checkpoint(path: Path) -> dict:
             "(a backbone weights file goes in the config's `weights`, not here)"
         )
     return ckpt
+
+
+def foreign_globals(path: Path) -> list[str]:
+    """The functions and classes a pickle (bare, or a torch zip's ``data.pkl``) names outside
+    torch and collections, read from its opcodes without running any of them."""
+    import pickletools
+    import zipfile
+
+    data = Path(path).read_bytes()
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            pkl = [n for n in archive.namelist() if n.endswith("data.pkl")]
+            data = archive.read(pkl[0]) if pkl else b""
+    names, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                names.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # a damaged pickle: what was read so far
+        pass
+    own = ("torch.", "collections.")
+    return sorted({n for n in names if not n.startswith(own)})
 
 
 def canonical_key(key: str) -> str:

@@ -65,7 +65,7 @@ def champion_version(client, name: str) -> str:
         return ""
 
 
-def score_champion(data: Path, out: Path, name: str, device: str = "cpu") -> Baseline:
+def score_champion(data: Path, out: Path, name: str, device: str = "auto") -> Baseline:
     """Load the current champion and evaluate it on ``data``'s test split (report in ``out``).
 
     A champion that cannot be loaded (artifact gone, format changed) or scored is returned with

@@ -24,8 +24,9 @@ def resolve_checkpoint(model_ref: str) -> Path:
     return find_checkpoint(Path(model_ref))
 
 
-def load_predictor(model_ref: str, device: str = "cpu"):
-    """A :class:`~cellseg.evaluation.inference.Predictor` for ``model_ref``."""
+def load_predictor(model_ref: str, device: str = "auto"):
+    """A :class:`~cellseg.evaluation.inference.Predictor` for ``model_ref``, on ``device``
+    (``auto``: CUDA when present)."""
     from cellseg.evaluation.inference import Predictor
 
     return Predictor.from_checkpoint(resolve_checkpoint(model_ref), device)

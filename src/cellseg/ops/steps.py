@@ -57,6 +57,10 @@ class TrainRequest:
     timeout_hours: float = 72.0  # running, after admission
     engine: str = "pytorchjob"  # or "trainjob" (Kubeflow Trainer v2)
     queue_name: str = ""  # a Kueue LocalQueue; "" = none
+    cpu_per_node: str = "8"
+    memory_per_node: str = "64Gi"
+    shm_per_node: str = "16Gi"  # /dev/shm, where DataLoader workers pass tensors
+    pending_timeout_minutes: float = 30.0  # an unschedulable pod fails the step after this
 
     def config_overrides(self) -> list[str]:
         extra = [f"epochs={self.epochs}"] if self.epochs > 0 else []
@@ -119,26 +123,25 @@ def train_step(
     data: Path,
     out: Path,
     init: Path | None,
-    checkpoint_root: str,
     pipeline_run_id: str,
     tags: dict,
     mlflow_uri: str | None,
 ) -> dict:
     """Train one phase from ``init`` (Phase 2: Phase 1's model); checkpoints end up in ``out``.
 
-    On a cluster (with ``checkpoint_root``, a ReadWriteMany volume) the phase runs as a
-    PyTorchJob or TrainJob (``request.engine``) in ``<root>/<pipeline run>/phase<N>``, stable
-    across retries, so a re-run step resumes from ``latest``. Elsewhere it runs here, under
-    torchrun for several processes.
+    On a cluster the phase runs as a PyTorchJob or TrainJob (``request.engine``) in
+    ``/mnt/checkpoints/<pipeline run>/phase<N>`` (the ReadWriteMany volume the step and the
+    job's pods mount), stable across retries, so a re-run step resumes from ``latest``.
+    Elsewhere it runs here, under torchrun for several processes.
     """
     if request.phase == 2 and init is None:
         raise TrainingError("Phase 2 needs its input model (Phase 1's checkpoint)")
-    run_root = Path(checkpoint_root) / pipeline_run_id if checkpoint_root else None
+    run_root = Path(cluster.CHECKPOINTS_MOUNT) / pipeline_run_id if in_cluster() else None
     work = run_root / f"phase{request.phase}" if run_root else out
     work.mkdir(parents=True, exist_ok=True)
     step = f"phase{request.phase}"
     with tracking.step_run(step, pipeline_run_id, tags, mlflow_uri or None) as tracker:
-        if run_root and in_cluster():
+        if run_root:
             data, init = stage_on_volume(data, init, run_root)
             args = train_args(request, data, work, init, tracker.run_id)
             run_on_cluster(request, args, pipeline_run_id, mlflow_uri)
@@ -159,6 +162,7 @@ def run_on_cluster(
 ) -> None:
     from cellseg.cluster.jobs import JobSpec, job_name
     from cellseg.cluster.launch import run_job
+    from cellseg.cluster.pods import Limits
 
     spec = JobSpec(
         name=job_name(pipeline_run_id, request.phase),
@@ -172,8 +176,20 @@ def run_on_cluster(
         mlflow_uri=mlflow_uri or "",
         queue_name=request.queue_name,
         timeout_seconds=int(request.timeout_hours * 3600),
+        cpu=request.cpu_per_node,
+        memory=request.memory_per_node,
+        shm=request.shm_per_node,
+        owner_pod=step_pod(),
     )
-    run_job(request.engine, spec)
+    limits = Limits(pending_timeout_seconds=request.pending_timeout_minutes * 60)
+    run_job(request.engine, spec, limits=limits)
+
+
+def step_pod() -> tuple[str, str]:
+    """This step's pod (name, uid) from the downward API (``POD_NAME``/``POD_UID``, set by the
+    pipeline), to own the training job; () when not set."""
+    name, uid = os.environ.get("POD_NAME", ""), os.environ.get("POD_UID", "")
+    return (name, uid) if name and uid else ()
 
 
 def evaluate_step(
@@ -181,10 +197,15 @@ def evaluate_step(
 ) -> dict:
     from cellseg.evaluation.evaluate import evaluate
     from cellseg.ops.model_ref import load_predictor
+    from cellseg.threads import match_torch_threads
 
     with tracking.step_run("evaluate", pipeline_run_id, tags, mlflow_uri or None) as tracker:
-        metrics = evaluate(data, load_predictor(str(model)), out, model_name=str(model))
+        match_torch_threads()  # the pod's CPU limit, not the node's core count
+        predictor = load_predictor(str(model))  # auto: the GPU the step was given, if any
+        metrics = evaluate(data, predictor, out, model_name=str(model))
         tracker.log_metrics(flat_metrics(metrics))
+        if "chosen_phase" in metrics:
+            tracker.set_tags({"cellseg.chosen_phase": metrics["chosen_phase"]})
         tracker.log_artifact(Path(out), "report")
     return metrics
 

@@ -77,6 +77,7 @@ class TrainConfig:
     boundary_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.4  # sobel: energy = boundary
     merge_touching: tuple[ClassName, ...] = ()  # classes whose cells lie apart (postprocess.py)
     border_score: Annotated[float, Field(gt=0, le=1)] = 1.0  # score factor, cells on the edge
+    keep_markerless: bool = False  # a foreground region without a surviving marker: a cell
 
     @field_validator("train_crop")
     @classmethod

@@ -39,12 +39,33 @@ def single_threaded_opencv() -> None:
     cv2.setNumThreads(1)
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """A :class:`DistributedSampler`'s indices as ``(epoch, index)``: the epoch travels with
-    each index, so loader workers stay alive across epochs (a new worker per epoch costs
-    seconds on a CPU) and still augment each epoch differently."""
+class ShardSampler(torch.utils.data.Sampler):
+    """Evaluation indices split over ranks, each exactly once: rank r takes r, r + W, ...
 
-    def __init__(self, sampler: DistributedSampler):
+    :class:`DistributedSampler` pads the ranks to equal length with repeated images, which
+    would count them twice in a validation loss; a rank here may hold one image less."""
+
+    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0):
+        self.indices = range(rank, size, num_replicas)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A :class:`DistributedSampler`'s (or :class:`ShardSampler`'s) indices as
+    ``(epoch, index)``: the epoch travels with each index, so loader workers stay alive across
+    epochs (a new worker per epoch costs seconds on a CPU) and still augment each epoch
+    differently."""
+
+    def __init__(self, sampler: DistributedSampler | ShardSampler):
         self.sampler = sampler
 
     def set_epoch(self, epoch: int) -> None:

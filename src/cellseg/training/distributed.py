@@ -68,6 +68,44 @@ def all_reduce_sum(values: torch.Tensor, world: World) -> torch.Tensor:
     return values
 
 
+class _GlobalSum(torch.autograd.Function):
+    """Sum over ranks in the forward; in the backward, the incoming gradient times the world
+    size. Every rank's loss is the same function f of the global sums S, and DDP averages the
+    ranks' gradients: rank r contributes W·f'(S)·ds_r/dθ, so the average is f'(S)·dS/dθ, the
+    gradient one process would compute on the whole batch (the backward of a sum over ranks,
+    as ``torch.distributed.nn.all_reduce`` has it, without its second collective)."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, world_size: int) -> torch.Tensor:
+        ctx.world_size = world_size
+        out = values.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.world_size, None
+
+
+def global_sum(values: torch.Tensor, world: World) -> torch.Tensor:
+    """``values`` summed over the ranks, differentiably (the ranks' shares of one batch).
+
+    Every rank must call it as often as the others (training batches, not validation shards).
+    """
+    if not world.distributed:
+        return values
+    return _GlobalSum.apply(values, world.world_size)
+
+
+def gather_objects(obj, world: World) -> list:
+    """Every rank's ``obj``, in rank order (one collective; all ranks call it)."""
+    if not world.distributed:
+        return [obj]
+    found = [None] * world.world_size
+    dist.all_gather_object(found, obj)
+    return found
+
+
 def shutdown(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()

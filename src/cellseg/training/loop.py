@@ -3,13 +3,22 @@ LoRA to the backbone's ``qkv`` and fine-tunes adapters and decoder.
 
 Runs the same under plain ``python``, ``torchrun`` and a cluster job. Rank 0 alone writes
 checkpoints and logs. ``latest_phase{N}.pt`` is written every epoch with everything needed to
-resume; ``best_phase{N}.pt`` only when the validation loss improves. Starting again with the same
-arguments resumes from ``latest``.
+resume (each rank's CPU and CUDA RNG state included); ``best_phase{N}.pt`` only when the
+validation loss improves. Starting again with the same arguments resumes from ``latest``.
+
+Phase 2 starts by scoring its starting point (Phase 1's model: fresh LoRA adapters change
+nothing) on val; that is its first ``best``, recorded with ``chosen_phase`` 1, and Phase 2's
+training replaces it only by beating it. So the better phase ships.
+
+Each rank seeds its RNGs with ``seed + rank`` (dropout differs across ranks; augmentation is
+seeded per sample, so it does not depend on the rank).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import math
 import random
 import sys
@@ -33,21 +42,29 @@ from cellseg.model.checkpoint import (
     CheckpointMeta,
     checkpoint_path,
     find_checkpoint,
+    load_checkpoint,
     load_into,
     save_checkpoint,
 )
 from cellseg.model.factory import CellSegModel, create_model
 from cellseg.model.lora import add_lora
 from cellseg.training.config import TrainConfig, config_to_dict
-from cellseg.training.dataset import CellDataset, EpochSampler, single_threaded_opencv
+from cellseg.training.dataset import (
+    CellDataset,
+    EpochSampler,
+    ShardSampler,
+    single_threaded_opencv,
+)
 from cellseg.training.distributed import (
     World,
     all_reduce_sum,
     broadcast_flag,
+    gather_objects,
+    global_sum,
     init_world,
     shutdown,
 )
-from cellseg.training.losses import hovernet_loss
+from cellseg.training.losses import Total, hovernet_loss, local_total
 
 PHASE2_DECODER_LR = 1e-4  # the notebook's fix: whatever the global LR, the decoder moves slowly
 LOSS_TERMS = ("total", "np", "hv", "nc")
@@ -160,9 +177,12 @@ def lr_lambdas(phase: int, n_groups: int, total_steps: int, warmup_steps: int) -
 
 
 def rng_state() -> dict:
+    """This process's RNG states: torch CPU, every visible CUDA device (LoRA dropout draws from
+    it on a GPU), NumPy and Python."""
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": random.getstate(),
     }
@@ -170,9 +190,19 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda", [])  # absent in checkpoints written before it was saved
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     random.setstate(state["python"])
+
+
+def rank_rng_state(saved: dict | list, rank: int) -> dict | None:
+    """This rank's saved RNG state: ``saved`` is one state per rank (older checkpoints: one
+    state); None when the run had fewer ranks (the rank keeps its fresh ``seed + rank``)."""
+    states = saved if isinstance(saved, list) else [saved]
+    return states[rank] if rank < len(states) else None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -191,11 +221,15 @@ def autocast(config: TrainConfig, device: torch.device):
 
 
 def make_loader(dataset, world: World, config: TrainConfig, shuffle: bool, seed: int):
-    sampler = EpochSampler(
-        DistributedSampler(
-            dataset, num_replicas=world.world_size, rank=world.rank, shuffle=shuffle, seed=seed
+    """Training (``shuffle``): a :class:`DistributedSampler` (ranks padded to equal length,
+    as DDP needs); evaluation: each image on one rank, once."""
+    if shuffle:
+        shards = DistributedSampler(
+            dataset, num_replicas=world.world_size, rank=world.rank, shuffle=True, seed=seed
         )
-    )
+    else:
+        shards = ShardSampler(len(dataset), world.world_size, world.rank)
+    sampler = EpochSampler(shards)
     if config.num_workers:
         single_threaded_opencv()  # the workers do all OpenCV work of training
     loader = DataLoader(
@@ -213,25 +247,32 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def forward_loss(model, batch: dict, config: TrainConfig, device: torch.device) -> dict:
-    """The training step's forward: model and HoVer-Net loss terms of one batch on ``device``."""
+def forward_loss(
+    model, batch: dict, config: TrainConfig, device: torch.device, total: Total = local_total
+) -> dict:
+    """The training step's forward: model and HoVer-Net loss terms of one batch on ``device``.
+
+    ``total`` sums the loss's batch statistics over the ranks sharing the batch."""
     batch = to_device(batch, device)
     with autocast(config, device):
-        return hovernet_loss(
-            model(batch["image"]), batch["np"], batch["hv"], batch["nc"], batch["ignore"]
-        )
+        outputs = model(batch["image"])
+        return hovernet_loss(outputs, batch["np"], batch["hv"], batch["nc"], batch["ignore"], total)
 
 
 def run_epoch(run: Run, loader: DataLoader, training: bool, desc: str) -> dict[str, float]:
     """One pass over ``loader``; trains when ``training``. Returns sample-weighted mean losses.
 
     With ``grad_accum`` > 1, gradients of that many batches add up before one optimizer step;
-    under DDP they are all-reduced once per step, not per batch.
+    under DDP they are all-reduced once per step, not per batch. In training, the batch-level
+    loss terms are computed over the ranks' global batch (:func:`global_sum`), so DDP equals
+    one process on that batch; with ``grad_accum`` the micro-batches' losses are averaged.
+    Validation shards differ in length across ranks, so there each rank's batch is its own.
     """
     model = run.train_model if training else run.model
     model.train(training)
     world, accum = run.world, run.config.grad_accum
     sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64, device=world.device)
+    total = functools.partial(global_sum, world=world) if training else local_total
     n_batches = len(loader)
     bar = tqdm(loader, desc=desc, disable=not world.is_main, leave=False, file=sys.stderr)
     for i, batch in enumerate(bar):
@@ -242,7 +283,7 @@ def run_epoch(run: Run, loader: DataLoader, training: bool, desc: str) -> dict[s
         if training and world.distributed and not last_in_group:
             sync = model.no_sync()
         with sync, torch.set_grad_enabled(training):
-            terms = forward_loss(model, batch, run.config, world.device)
+            terms = forward_loss(model, batch, run.config, world.device, total)
             if training:
                 (terms["total"] / group_size).backward()
         if training and last_in_group:
@@ -269,8 +310,12 @@ def validate(run: Run) -> dict[str, float]:
     return run_epoch(run, run.val_loader, False, "validate")
 
 
-def save(run: Run, improved: bool) -> None:
-    """``best`` when the validation loss improved; ``latest`` (with resume state) always."""
+def save(run: Run, improved: bool, rngs: list[dict]) -> None:
+    """``best`` when the validation loss improved; ``latest`` (with resume state) always.
+
+    Args:
+        rngs: every rank's RNG state, in rank order (:func:`gather_objects`).
+    """
     common = (run.model, run.meta, run.state.epoch, run.stopper.best)
     if improved:
         save_checkpoint(run.best_path, *common)
@@ -280,7 +325,7 @@ def save(run: Run, improved: bool) -> None:
         "bad_epochs": run.stopper.bad_epochs,
         "stopped_early": run.state.stopped_early,
         "history": run.state.history,
-        "rng": rng_state(),
+        "rng": rngs,
     }
     save_checkpoint(run.latest_path, *common, resume=resume)
 
@@ -291,7 +336,20 @@ def restore(run: Run, ckpt: dict) -> None:
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.stopper.best, run.stopper.bad_epochs = ckpt["best_metric"], ckpt["bad_epochs"]
     run.state = TrainState(ckpt["epoch"], ckpt["stopped_early"], list(ckpt["history"]))
-    set_rng_state(ckpt["rng"])
+    state = rank_rng_state(ckpt["rng"], run.world.rank)
+    if state is not None:
+        set_rng_state(state)
+
+
+def keep_starting_point(run: Run) -> None:
+    """Phase 2's first ``best``: its starting point (Phase 1's model) scored on val, so Phase 2
+    replaces it only by beating it; recorded as ``chosen_phase`` 1."""
+    start_loss = validate(run)["total"]
+    run.stopper.best = start_loss
+    if run.world.is_main:
+        meta = dataclasses.replace(run.meta, chosen_phase=1)
+        save_checkpoint(run.best_path, run.model, meta, 0, start_loss)
+        print(f"phase 2: Phase 1's model scores val {start_loss:.4f}", file=sys.stderr)
 
 
 def build_data(data: Path, config: TrainConfig, world: World):
@@ -337,7 +395,7 @@ def checkpoint_meta(model: CellSegModel, phase: int, config: TrainConfig, data: 
 def setup_run(phase, data, out, config, init, tracker, world: World) -> Run:
     """Model, data, optimizer and schedule; resumed from ``latest`` or, for Phase 2, started
     from Phase 1's checkpoint."""
-    seed_everything(config.seed, config.deterministic)
+    seed_everything(config.seed + world.rank, config.deterministic)
     latest = checkpoint_path(out, phase, LATEST)
     model, pretrained = build_model(config, phase)
     resume = load_into(model, latest) if latest.is_file() else None
@@ -379,6 +437,8 @@ def setup_run(phase, data, out, config, init, tracker, world: World) -> Run:
         (out / f"config_phase{phase}.yaml").write_text(yaml.safe_dump(config_to_dict(config)))
         if tracker is not None and resume is None:
             tracker.log_params({**config_to_dict(config), "phase": phase, "pretrained": pretrained})
+    if resume is None and phase == 2:
+        keep_starting_point(run)
     return run
 
 
@@ -409,11 +469,14 @@ def fit(run: Run) -> TrainState:
             "seconds": time.perf_counter() - start,
         }
         run.state.history.append(record)
+        rngs = gather_objects(rng_state(), run.world)
         if run.world.is_main:
-            save(run, improved)
+            save(run, improved, rngs)
             log_epoch(run, record, improved)
     if run.world.is_main and run.tracker is not None and run.best_path.is_file():
         run.tracker.log_artifact(run.best_path)
+        chosen = load_checkpoint(run.best_path)["chosen_phase"]
+        run.tracker.set_tags({"cellseg.chosen_phase": chosen})
     return run.state
 
 

@@ -1,18 +1,36 @@
 """HoVer-Net losses: NP = CE + Dice, HV = MSE + MSGE, NC = weighted CE + Dice.
 
-Every term is averaged per image, then over the batch. That makes a batch's loss the mean of its
-images' losses, so gradient accumulation and DDP (which average over micro-batches and ranks)
-give the same update as one big batch. Pixels marked *ignore* (unlabelled cells) count in no term.
+As vqdang/hover_net computes them: the Dice terms sum 1 - Dice over the classes, each Dice
+taken over the whole batch's pixels (a class absent from the batch's targets adds nothing), and
+MSGE is averaged over the batch's cell pixels, so crops without cells do not dilute it. The
+cross-entropy and MSE terms are averaged per image, then over the batch. The HV terms are
+computed in fp32 outside autocast (bf16 Sobel gradients are too coarse).
+
+The batch-level terms are ratios of sums over the batch. Under DDP each rank holds a part of
+the batch, so those sums go through ``total`` (a sum over ranks, :func:`~cellseg.training.
+distributed.global_sum`): every rank then sees the global batch's ratio, and DDP's averaged
+gradient is that of one process on the global batch. Pixels marked *ignore* (void) count in no
+term.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 CLASS_WEIGHTS = (0.05, 0.5, 5.0, 8.0)  # background, RBC, WBC, Platelets
 BRANCH_WEIGHTS = {"np": 1.0, "hv": 2.0, "nc": 2.0}
+DICE_SMOOTH = 1e-3  # HoVer-Net's
 _EPS = 1e-6
+
+Total = Callable[[torch.Tensor], torch.Tensor]
+
+
+def local_total(values: torch.Tensor) -> torch.Tensor:
+    """One process holds the whole batch: its sums are the batch's."""
+    return values
 
 
 def _per_image_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -39,15 +57,23 @@ def cross_entropy(
     return (ce * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(_EPS)
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """1 - soft Dice, averaged over the classes present in the image or predicted -> (B,)."""
+def dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, total: Total = local_total
+) -> torch.Tensor:
+    """Sum over the classes in the batch's targets of 1 - soft Dice over the batch -> scalar.
+
+    Dice of class c: (2·Σ p_c·t_c + s) / (Σ p_c + Σ t_c + s), sums over every valid pixel of
+    the batch, s = ``DICE_SMOOTH``.
+    """
     probs = logits.float().softmax(1)
     onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
     mask = valid.unsqueeze(1).to(probs.dtype)
-    inter = (probs * onehot * mask).flatten(2).sum(2)
-    total = ((probs + onehot) * mask).flatten(2).sum(2)
-    dice = (2 * inter + _EPS) / (total + _EPS)  # an absent, unpredicted class scores 1
-    return 1 - dice.mean(1)
+    inter = (probs * onehot * mask).sum((0, 2, 3))
+    sizes = ((probs + onehot) * mask).sum((0, 2, 3))
+    present = (onehot * mask).sum((0, 2, 3))
+    inter, sizes, present = total(torch.stack([inter, sizes, present]))
+    dice = (2 * inter + DICE_SMOOTH) / (sizes + DICE_SMOOTH)
+    return ((1 - dice) * (present > 0)).sum()
 
 
 def sobel_kernels(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -68,14 +94,21 @@ def hv_gradients(hv: torch.Tensor) -> torch.Tensor:
 
 
 def hv_loss(
-    pred: torch.Tensor, target: torch.Tensor, cells: torch.Tensor, valid: torch.Tensor
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    cells: torch.Tensor,
+    valid: torch.Tensor,
+    total: Total = local_total,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(MSE over valid pixels, MSGE over valid cell pixels), each (B,)."""
-    pred = pred.float()
-    mse = _per_image_mean(((pred - target) ** 2).mean(1), valid)
-    grad_err = ((hv_gradients(pred) - hv_gradients(target)) ** 2).mean(1)
-    msge = _per_image_mean(grad_err, valid & cells)
-    return mse, msge
+    """(MSE over valid pixels, per image then batch mean; MSGE over the batch's valid cell
+    pixels), both scalars, in fp32 whatever autocast is active."""
+    with torch.autocast(pred.device.type, enabled=False):
+        pred, target = pred.float(), target.float()
+        mse = _per_image_mean(((pred - target) ** 2).mean(1), valid).mean()
+        grad_err = ((hv_gradients(pred) - hv_gradients(target)) ** 2).mean(1)
+        focus = (valid & cells).float()
+        err_sum, n_cells = total(torch.stack([(grad_err * focus).sum(), focus.sum()]))
+        return mse, err_sum / n_cells.clamp_min(1)
 
 
 def hovernet_loss(
@@ -84,8 +117,9 @@ def hovernet_loss(
     hv_target: torch.Tensor,
     nc_target: torch.Tensor,
     ignore: torch.Tensor,
+    total: Total = local_total,
 ) -> dict[str, torch.Tensor]:
-    """All terms (batch means) and ``total`` = 1·NP + 2·HV + 2·NC.
+    """All terms (scalars) and ``total`` = 1·NP + 2·HV + 2·NC.
 
     Args:
         outputs: logits ``np`` (B, 2, H, W), ``hv`` (B, 2, H, W), ``nc`` (B, 4, H, W).
@@ -93,17 +127,19 @@ def hovernet_loss(
         hv_target: (B, 2, H, W) float.
         nc_target: (B, H, W) long class ids.
         ignore: (B, H, W) bool, pixels no term may see.
+        total: sums a tensor of batch statistics over the processes sharing the batch.
     """
     valid = ~ignore
     weights = torch.tensor(CLASS_WEIGHTS, device=nc_target.device)
     terms = {
-        "np_ce": cross_entropy(outputs["np"], np_target, valid),
-        "np_dice": dice_loss(outputs["np"], np_target, valid),
-        "nc_ce": cross_entropy(outputs["nc"], nc_target, valid, weights),
-        "nc_dice": dice_loss(outputs["nc"], nc_target, valid),
+        "np_ce": cross_entropy(outputs["np"], np_target, valid).mean(),
+        "np_dice": dice_loss(outputs["np"], np_target, valid, total),
+        "nc_ce": cross_entropy(outputs["nc"], nc_target, valid, weights).mean(),
+        "nc_dice": dice_loss(outputs["nc"], nc_target, valid, total),
     }
-    terms["hv_mse"], terms["hv_msge"] = hv_loss(outputs["hv"], hv_target, np_target > 0, valid)
-    terms = {k: v.mean() for k, v in terms.items()}
+    terms["hv_mse"], terms["hv_msge"] = hv_loss(
+        outputs["hv"], hv_target, np_target > 0, valid, total
+    )
     terms["np"] = terms["np_ce"] + terms["np_dice"]
     terms["hv"] = terms["hv_mse"] + terms["hv_msge"]
     terms["nc"] = terms["nc_ce"] + terms["nc_dice"]

@@ -1,0 +1,415 @@
+"""``cellseg doctor``: the cluster read against what a pipeline run needs, one line per
+requirement, passed or failed with the fix.
+
+It reads through the kubernetes client (your kubeconfig, or the pod's account in a cluster):
+the training engine's CRD and served version, the ``cellseg-torch`` TrainingRuntime, the shared
+volumes, the HF token Secret, the launcher's rights (``SelfSubjectAccessReview``, as the
+pipeline's account by impersonation), the LocalQueue and its ClusterQueue when a queue is set,
+MLflow's ``/health``, and the KFP API's version when ``KFP_HOST`` is set. A failed requirement
+is a blocker; a WARN line is one the doctor could not settle (e.g. not allowed to read it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from cellseg.cluster import names as cluster
+from cellseg.cluster.jobs import ENGINES
+from cellseg.cluster.jobs import TRAINING_RUNTIME as RUNTIME
+
+KFP_MINIMUM = (2, 5, 0)  # nodeSelectorJson, tolerationJson, pvcNameParameter in the spec
+KUEUE = ("kueue.x-k8s.io", "v1beta2")  # served from Kueue v0.16; runtimePatches from v0.17
+REQUIRED_FIELD = {"trainjob": "runtimePatches"}  # Trainer v2.3: node selector, tolerations
+MINIMUM = {"trainjob": "Kubeflow Trainer v2.3", "pytorchjob": "Training Operator 1.9"}
+DEPLOY = "kubectl apply -k manifests/overlays/<overlay>"
+
+
+@dataclass(frozen=True)
+class Result:
+    requirement: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    blocker: bool = True  # False: a warning (the doctor could not settle it)
+
+    def line(self) -> str:
+        status = "PASS" if self.ok else "FAIL" if self.blocker else "WARN"
+        fix = f"  -> fix: {self.fix}" if self.fix and not self.ok else ""
+        return f"{status}  {self.requirement}: {self.detail}{fix}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    namespace: str = cluster.NAMESPACE
+    engine: str = "pytorchjob"
+    queue_name: str = ""
+    mlflow_uri: str = cluster.MLFLOW_URI
+    kfp_host: str = ""
+    kfp_token: str = ""
+    account: str | None = None  # whose rights to check; None: the pipeline's; "": yours
+
+    @property
+    def pipeline_account(self) -> str:
+        if self.account is not None:
+            return self.account
+        return f"system:serviceaccount:{self.namespace}:{cluster.PIPELINE_SERVICE_ACCOUNT}"
+
+
+def _status(err: Exception) -> int | None:
+    return getattr(err, "status", None)
+
+
+def _forbidden(requirement: str, what: str, err: Exception) -> Result:
+    return Result(
+        requirement,
+        False,
+        f"cannot read {what} ({_status(err)} {getattr(err, 'reason', err)})",
+        fix="run `make doctor` with an account that may read it",
+        blocker=False,
+    )
+
+
+def _read(call: Callable, requirement: str, what: str, missing: Result):
+    """``(call(), None)``, or ``(None, a Result)``: ``missing`` on 404, a warning on 403."""
+    try:
+        return call(), None
+    except Exception as err:
+        if _status(err) == 404:
+            return None, missing
+        if _status(err) == 403:
+            return None, _forbidden(requirement, what, err)
+        raise
+
+
+def check_engine_crd(api, s: Settings) -> Result:
+    from kubernetes import client
+
+    engine = ENGINES[s.engine]
+    name = f"{engine.plural}.{engine.group}"
+    requirement = f"{engine.kind} CRD {name} {engine.version}"
+    install = f"install {MINIMUM[s.engine]} or later"
+    read = client.ApiextensionsV1Api(api).read_custom_resource_definition
+    response, failed = _read(
+        lambda: read(name, _preload_content=False), requirement, "CustomResourceDefinitions",
+        Result(requirement, False, "not installed", fix=install),
+    )  # fmt: skip
+    if failed:
+        return failed
+    crd = json.loads(response.data)
+    versions = {v["name"]: v for v in crd["spec"]["versions"]}
+    version = versions.get(engine.version)
+    if not version or not version.get("served"):
+        served = ", ".join(n for n, v in versions.items() if v.get("served")) or "none"
+        return Result(requirement, False, f"not served (serves {served})", fix=install)
+    field = REQUIRED_FIELD.get(s.engine)
+    if field:
+        spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        if field not in spec:
+            return Result(
+                requirement,
+                False,
+                f"served, but its schema has no spec.{field}",
+                fix=f"upgrade to {MINIMUM[s.engine]} or later",
+            )
+        return Result(requirement, True, f"served, with spec.{field}")
+    return Result(requirement, True, "served")
+
+
+def check_training_runtime(api, s: Settings) -> Result | None:
+    from kubernetes import client
+
+    if s.engine != "trainjob":
+        return None
+    requirement = f"TrainingRuntime {s.namespace}/{RUNTIME}"
+    engine = ENGINES["trainjob"]
+    get = client.CustomObjectsApi(api).get_namespaced_custom_object
+    runtime, failed = _read(
+        lambda: get(engine.group, engine.version, s.namespace, "trainingruntimes", RUNTIME),
+        requirement, "TrainingRuntimes",
+        Result(requirement, False, "missing", fix=f"{DEPLOY} (components/trainer-v2)"),
+    )  # fmt: skip
+    if failed:
+        return failed
+    jobs = [j.get("name") for j in runtime["spec"]["template"]["spec"].get("replicatedJobs", [])]
+    if "node" not in jobs:  # the launcher's runtimePatches address this job by name
+        return Result(requirement, False, f"no replicated job 'node' ({jobs})", fix=DEPLOY)
+    return Result(requirement, True, "present")
+
+
+def check_volumes(api, s: Settings) -> list[Result]:
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    results = []
+    for claim in (cluster.DATASETS_PVC, cluster.CHECKPOINTS_PVC, cluster.HF_CACHE_PVC):
+        requirement = f"PersistentVolumeClaim {s.namespace}/{claim}"
+        pvc, failed = _read(
+            lambda c=claim: core.read_namespaced_persistent_volume_claim(c, s.namespace),
+            requirement, "PersistentVolumeClaims",
+            Result(requirement, False, "missing", fix=DEPLOY),
+        )  # fmt: skip
+        if failed:
+            results.append(failed)
+            continue
+        phase = (pvc.status and pvc.status.phase) or "Pending"
+        modes = pvc.spec.access_modes or []
+        if "ReadWriteMany" not in modes:
+            results.append(
+                Result(
+                    requirement,
+                    False,
+                    f"access modes {modes}",
+                    fix="recreate it ReadWriteMany (steps and jobs share it)",
+                )
+            )
+        elif phase == "Bound":
+            results.append(Result(requirement, True, "Bound, ReadWriteMany"))
+        else:
+            results.append(
+                Result(
+                    requirement,
+                    False,
+                    f"{phase} (a class that waits for the first pod binds it then)",
+                    fix="check its storageClassName: a ReadWriteMany class (NFS, Filestore, ...)",
+                    blocker=phase != "Pending",
+                )
+            )
+    return results
+
+
+def check_hf_secret(api, s: Settings) -> Result:
+    from kubernetes import client
+
+    requirement = f"Secret {s.namespace}/{cluster.HF_TOKEN_SECRET} (key HF_TOKEN)"
+    fix = (
+        f"kubectl -n {s.namespace} create secret generic {cluster.HF_TOKEN_SECRET} "
+        "--from-literal=HF_TOKEN=hf_... (UNI is gated; the uni-gpu profile needs it)"
+    )
+    read = client.CoreV1Api(api).read_namespaced_secret
+    secret, failed = _read(
+        lambda: read(cluster.HF_TOKEN_SECRET, s.namespace), requirement, "Secrets",
+        Result(requirement, False, "missing", fix=fix),
+    )  # fmt: skip
+    if failed:
+        return failed
+    if not (secret.data or {}).get("HF_TOKEN"):
+        return Result(requirement, False, "has no HF_TOKEN key", fix=fix)
+    return Result(requirement, True, "present")
+
+
+def launcher_permissions(engine_name: str) -> list[tuple[str, str, str, str]]:
+    """(group, resource, subresource, verb) for every call the launcher makes."""
+    e = ENGINES[engine_name]
+    jobs = [(e.group, e.plural, "", verb) for verb in ("create", "get", "watch", "delete")]
+    return [*jobs, ("", "pods", "", "list"), ("", "pods", "log", "get")]
+
+
+def _access(api, namespace: str, group: str, resource: str, sub: str, verb: str) -> bool:
+    from kubernetes import client
+
+    review = client.V1SelfSubjectAccessReview(
+        spec=client.V1SelfSubjectAccessReviewSpec(
+            resource_attributes=client.V1ResourceAttributes(
+                namespace=namespace, group=group, resource=resource, subresource=sub, verb=verb
+            )
+        )
+    )
+    answer = client.AuthorizationV1Api(api).create_self_subject_access_review(review)
+    return bool(answer.status.allowed)
+
+
+def as_user(api, user: str):
+    """``api`` impersonating ``user`` (needs the impersonate verb, as cluster admins have)."""
+    from kubernetes import client
+
+    return client.ApiClient(api.configuration, header_name="Impersonate-User", header_value=user)
+
+
+# what Argo's executor and KFP's driver/launcher do in a step's pod (kfp-steps-rbac.yaml)
+STEP_PERMISSIONS = [
+    ("argoproj.io", "workflowtaskresults", "", "create"),
+    ("argoproj.io", "workflowtaskresults", "", "patch"),
+    ("", "configmaps", "", "get"),
+]
+
+
+def _show(permission: tuple[str, str, str, str]) -> str:
+    group, resource, sub, verb = permission
+    name = f"{resource}/{sub}" if sub else resource
+    return f"{verb} {name}.{group}" if group else f"{verb} {name}"
+
+
+def check_rbac(api, s: Settings) -> list[Result]:
+    account = s.pipeline_account
+    who = account.rsplit(":", 1)[-1] if account else "you"
+    reviewer = as_user(api, account) if account else api
+    results = []
+    try:
+        _access(reviewer, s.namespace, "", "pods", "", "get")
+    except Exception as err:
+        if not account or _status(err) != 403:
+            raise
+        results.append(Result(
+            f"RBAC as {who}", False, f"may not impersonate {account}; checked as you instead",
+            fix="run `make doctor` as a cluster admin to check the pipeline's account",
+            blocker=False,
+        ))  # fmt: skip
+        who, reviewer = "you", api
+    needs = (
+        ("what the launcher does", launcher_permissions(s.engine), "rbac.yaml"),
+        ("what KFP does in a step", STEP_PERMISSIONS, "kfp-steps-rbac.yaml"),
+    )
+    for what, permissions, manifest in needs:
+        requirement = f"RBAC: {what}, as {who} in {s.namespace}"
+        denied = [p for p in permissions if not _access(reviewer, s.namespace, *p)]
+        if denied:
+            detail = "denied: " + ", ".join(map(_show, denied))
+            fix = f"{DEPLOY} (manifests/base/{manifest} binds {who})"
+            results.append(Result(requirement, False, detail, fix=fix))
+        else:
+            results.append(Result(requirement, True, ", ".join(map(_show, permissions))))
+    return results
+
+
+def check_queue(api, s: Settings) -> list[Result]:
+    from kubernetes import client
+
+    if not s.queue_name:
+        return []
+    custom = client.CustomObjectsApi(api)
+    group, version = KUEUE
+    requirement = f"LocalQueue {s.namespace}/{s.queue_name} ({group}/{version})"
+    queue, failed = _read(
+        lambda: custom.get_namespaced_custom_object(
+            group, version, s.namespace, "localqueues", s.queue_name
+        ),
+        requirement, "LocalQueues",
+        Result(requirement, False, "missing (or Kueue older than v0.16 serves no v1beta2)",
+               fix=f"{DEPLOY} (the kueue overlay); Kueue v0.17 or later"),
+    )  # fmt: skip
+    if failed:
+        return [failed]
+    cq = queue["spec"]["clusterQueue"]
+    cq_requirement = f"ClusterQueue {cq}"
+    _, cq_failed = _read(
+        lambda: custom.get_cluster_custom_object(group, version, "clusterqueues", cq),
+        cq_requirement, "ClusterQueues",
+        Result(cq_requirement, False, "missing: nothing is ever admitted",
+               fix="ask the platform team, or point the LocalQueue at theirs"),
+    )  # fmt: skip
+    return [
+        Result(requirement, True, f"present, ClusterQueue {cq}"),
+        cq_failed or Result(cq_requirement, True, "present"),
+    ]
+
+
+def _get(url: str, headers: dict | None = None, timeout: float = 10) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.status, response.read().decode(errors="replace")
+
+
+def _service_in_cluster(uri: str) -> tuple[str, str, int] | None:
+    """(service, namespace, port) of an in-cluster URI such as http://mlflow.cellseg.svc:5000."""
+    parsed = urlparse(uri)
+    match = re.fullmatch(
+        r"([a-z0-9-]+)\.([a-z0-9-]+)\.svc(\.cluster\.local)?", parsed.hostname or ""
+    )
+    return (match[1], match[2], parsed.port or 80) if match else None
+
+
+def check_mlflow(api, s: Settings, get: Callable = _get) -> Result:
+    from kubernetes import client
+
+    requirement = f"MLflow {s.mlflow_uri}/health"
+    fix = "kubectl -n <namespace> get pods -l app.kubernetes.io/name=mlflow; its logs"
+    try:
+        status, body = get(s.mlflow_uri.rstrip("/") + "/health")
+        if status == 200:
+            return Result(requirement, True, body.strip() or "OK")
+        return Result(requirement, False, f"HTTP {status}", fix=fix)
+    except urllib.error.HTTPError as err:
+        return Result(requirement, False, f"HTTP {err.code}", fix=fix)
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        service = _service_in_cluster(s.mlflow_uri)
+        if not (isinstance(reason, socket.gaierror) and service):
+            return Result(requirement, False, f"unreachable ({reason})", fix=fix)
+    name, namespace, port = service  # outside the cluster: through the API server's proxy
+    try:
+        body = client.CoreV1Api(api).connect_get_namespaced_service_proxy_with_path(
+            f"{name}:{port}", namespace, "health"
+        )
+        return Result(requirement, True, f"{str(body).strip() or 'OK'} (through the API server)")
+    except Exception as err:
+        return Result(
+            requirement,
+            False,
+            f"via the API server: {_status(err)} {getattr(err, 'reason', err)}",
+            fix=fix,
+        )
+
+
+def parse_version(tag: str) -> tuple[int, ...] | None:
+    match = re.match(r"v?(\d+)\.(\d+)\.(\d+)", tag or "")
+    return tuple(int(x) for x in match.groups()) if match else None
+
+
+def check_kfp(s: Settings, get: Callable = _get) -> Result | None:
+    if not s.kfp_host:
+        return None
+    minimum = ".".join(map(str, KFP_MINIMUM))
+    requirement = f"KFP API {s.kfp_host} >= {minimum}"
+    headers = {"Authorization": f"Bearer {s.kfp_token}"} if s.kfp_token else {}
+    try:
+        status, body = get(s.kfp_host.rstrip("/") + "/apis/v2beta1/healthz", headers)
+        health = json.loads(body) if status == 200 else {}
+    except (OSError, ValueError) as err:
+        return Result(requirement, False, f"unreachable ({err})", fix="check KFP_HOST, KFP_TOKEN")
+    tag = health.get("tag_name", "")
+    mode = "multi-user" if health.get("multi_user") else "standalone"
+    version = parse_version(tag)
+    if version is None:
+        return Result(
+            requirement,
+            False,
+            f"version {tag!r} unknown ({mode})",
+            blocker=False,
+            fix=f"make sure the backend is {minimum} or later",
+        )
+    if version < KFP_MINIMUM:
+        return Result(
+            requirement,
+            False,
+            f"{tag} ({mode}) ignores the spec's node selector, tolerations and volumes",
+            fix=f"upgrade KFP to {minimum} or later",
+        )
+    return Result(requirement, True, f"{tag} ({mode})")
+
+
+def run_checks(api, s: Settings, get: Callable = _get) -> list[Result]:
+    """Every requirement for ``s``, in the order a run meets them."""
+    if s.engine not in ENGINES:
+        raise ValueError(f"training engine {s.engine!r}: expected one of {', '.join(ENGINES)}")
+    results = [
+        check_kfp(s, get),
+        check_engine_crd(api, s),
+        check_training_runtime(api, s),
+        *check_volumes(api, s),
+        check_hf_secret(api, s),
+        *check_rbac(api, s),
+        *check_queue(api, s),
+        check_mlflow(api, s, get),
+    ]
+    return [r for r in results if r is not None]
+
+
+def blockers(results: list[Result]) -> list[Result]:
+    return [r for r in results if not r.ok and r.blocker]

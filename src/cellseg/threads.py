@@ -1,0 +1,54 @@
+"""How many cores this process may use, and torch's intra-op threads set to match.
+
+A container limited by a CFS quota (Kubernetes CPU limits, ``docker run --cpus``) still sees
+every core of its host in ``os.cpu_count()`` and in its affinity mask, and torch sizes its
+intra-op pool from those: a 2-CPU pod on a 64-core node runs 64 threads. That oversubscribes
+the quota, and since a reduction's float rounding depends on how it is split over threads, the
+same code on "2 cores" gives different figures on hosts of different sizes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_quota(root: Path = CGROUP) -> float | None:
+    """CPUs the cgroup's CFS quota allows (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us``); None when unlimited or unknown."""
+    root = Path(root)
+    try:
+        if (root / "cpu.max").is_file():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        v1 = root / "cpu" if (root / "cpu").is_dir() else root
+        if (v1 / "cpu.cfs_quota_us").is_file():
+            quota = int((v1 / "cpu.cfs_quota_us").read_text())
+            period = int((v1 / "cpu.cfs_period_us").read_text())
+            return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def cpu_budget(root: Path = CGROUP) -> int:
+    """Cores this process may use: its affinity mask, capped by the cgroup quota (rounded up)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = cgroup_cpu_quota(root)
+    if quota is not None:
+        cores = min(cores or 1, math.ceil(quota))
+    return max(1, cores or 1)
+
+
+def match_torch_threads(root: Path = CGROUP) -> int:
+    """torch's intra-op threads set to this process's share of :func:`cpu_budget` (the
+    processes torchrun starts on a node, ``LOCAL_WORLD_SIZE``, share it); returns the count."""
+    import torch
+
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = max(1, cpu_budget(root) // max(sharing, 1))
+    torch.set_num_threads(threads)
+    return threads

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -62,23 +63,8 @@ class Predictor:
         params = PostprocessParams(**saved)
         return cls(model.to(device), meta.scale, torch.device(device), params)
 
-    @torch.no_grad()
-    def probabilities(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """NP probability (h, w), HV (2, h, w), NC softmax (4, h, w) at working resolution."""
-        h, w = image.shape[:2]
-        wh, ww = max(16, round(h * self.scale)), max(16, round(w * self.scale))
-        small = cv2.resize(image, (ww, wh), interpolation=cv2.INTER_AREA)
-        x = torch.from_numpy(small.transpose(2, 0, 1).copy()).float().div(255).unsqueeze(0)
-        ph, pw = math.ceil(wh / 16) * 16 - wh, math.ceil(ww / 16) * 16 - ww
-        x = F.pad(x, (0, pw, 0, ph), mode="replicate")  # sides to multiples of 16, cropped back
-        out = self.model(x.to(self.device))
-        np_prob = out["np"].float().softmax(1)[0, 1, :wh, :ww].cpu().numpy()
-        hv = out["hv"].float()[0, :, :wh, :ww].cpu().numpy()
-        nc_prob = out["nc"].float().softmax(1)[0, :, :wh, :ww].cpu().numpy()
-        return np_prob, hv, nc_prob
-
-    def __call__(self, image: np.ndarray) -> Instances:
-        """Instances at the image's own resolution."""
+    def check(self, image: np.ndarray) -> np.ndarray:
+        """``image`` as (H, W, 3) uint8 within the size limits; raises InputError."""
         image = as_rgb_uint8(image)
         h, w = image.shape[:2]
         if h * w > MAX_PIXELS:
@@ -87,6 +73,53 @@ class Predictor:
             )
         if min(h, w) < 16:
             raise InputError(f"image is {w}x{h}; sides must be at least 16 pixels")
-        inst = postprocess(*self.probabilities(image), self.params)
-        inst.labels = resize_labels(inst.labels, (h, w))
-        return inst
+        return image
+
+    @torch.no_grad()
+    def probabilities_batch(
+        self, images: list[np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per image of one size: NP probability (h, w), HV (2, h, w), NC softmax (4, h, w) at
+        working resolution, from one forward pass over the whole batch."""
+        h, w = images[0].shape[:2]
+        wh, ww = max(16, round(h * self.scale)), max(16, round(w * self.scale))
+        small = np.stack([cv2.resize(im, (ww, wh), interpolation=cv2.INTER_AREA) for im in images])
+        x = torch.from_numpy(small.transpose(0, 3, 1, 2).copy()).float().div(255)
+        ph, pw = math.ceil(wh / 16) * 16 - wh, math.ceil(ww / 16) * 16 - ww
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")  # sides to multiples of 16, cropped back
+        out = self.model(x.to(self.device))
+        np_prob = out["np"].float().softmax(1)[:, 1, :wh, :ww].cpu().numpy()
+        hv = out["hv"].float()[:, :, :wh, :ww].cpu().numpy()
+        nc_prob = out["nc"].float().softmax(1)[:, :, :wh, :ww].cpu().numpy()
+        return list(zip(np_prob, hv, nc_prob, strict=True))
+
+    def probabilities(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`probabilities_batch` of one image."""
+        return self.probabilities_batch([image])[0]
+
+    def __call__(self, image: np.ndarray) -> Instances:
+        """Instances at the image's own resolution."""
+        return predict_batch(self, [image])[0]
+
+
+def predict_batch(
+    predictor: Predictor,
+    images: list[np.ndarray],
+    forward_lock: AbstractContextManager | None = None,
+) -> list[Instances]:
+    """Instances for each image, in order: every image is checked first (one bad image fails
+    the batch, before any work), then images of one size share one forward pass, taken while
+    holding ``forward_lock`` (a server's threads share the cores that way)."""
+    images = [predictor.check(im) for im in images]
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(image.shape[:2], []).append(i)
+    results: list[Instances | None] = [None] * len(images)
+    for shape, indices in by_shape.items():
+        with forward_lock or nullcontext():
+            maps = predictor.probabilities_batch([images[i] for i in indices])
+        for i, m in zip(indices, maps, strict=True):
+            inst = postprocess(*m, predictor.params)
+            inst.labels = resize_labels(inst.labels, shape)
+            results[i] = inst
+    return results

@@ -77,19 +77,26 @@ def one_line(err: Exception) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def one_line_validation_errors(app) -> None:
+def one_line_errors(app) -> None:
     """FastAPI answers a body that is not a V2 request (not JSON, fields missing) with 422 and
-    a list of pydantic errors; make it a 400 with one line, like every other bad payload."""
+    a list of pydantic errors, and an unparsable one with ``{"detail": ...}``; make each a 400
+    ``{"error": "<one line>"}``, as KServe answers every other bad payload."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
-    async def handler(_, exc: RequestValidationError):
+    async def invalid_body(_, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"invalid request body{f' at {where}' if where else ''}: {first.get('msg', '')}"
         return JSONResponse(status_code=400, content={"error": one_line(message)})
 
-    app.add_exception_handler(RequestValidationError, handler)
+    async def http_error(_, exc: HTTPException):
+        return JSONResponse(status_code=exc.status_code, content={"error": one_line(exc.detail)},
+                            headers=getattr(exc, "headers", None))  # fmt: skip
+
+    app.add_exception_handler(RequestValidationError, invalid_body)
+    app.add_exception_handler(HTTPException, http_error)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -121,6 +128,6 @@ def main(argv: list[str] | None = None) -> None:
         model = build_model(args.model_name, args.model_dir, args.device)
     except CellsegError as err:
         raise SystemExit(f"cellseg serve: error: {one_line(err)}") from None
-    one_line_validation_errors(app)
+    one_line_errors(app)
     kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
                        enable_grpc=args.enable_grpc).start([model])  # fmt: skip

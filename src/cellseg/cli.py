@@ -85,6 +85,25 @@ def cmd_register(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+def cmd_rollout(args: argparse.Namespace) -> None:
+    import json
+
+    from cellseg.ops.tracking import configure
+    from cellseg.serving.rollout import champion_storage_uri, roll_inference_service, rollout_patch
+
+    configure()
+    uri = champion_storage_uri(args.model_name, args.version)
+    if args.dry_run:
+        print(json.dumps(rollout_patch(uri, args.canary)))
+        return
+    from kubernetes import config
+
+    config.load_kube_config()
+    roll_inference_service(args.service, args.namespace, uri, args.canary)
+    share = f"{args.canary}% of the traffic" if 0 < args.canary < 100 else "all traffic"
+    print(f"inferenceservice/{args.service} -> {uri} ({share})")
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from cellseg.ops.compare import compare
 
@@ -224,6 +243,19 @@ def add_ops_commands(sub) -> None:
     launch.add_argument("--timeout-hours", type=float, default=72.0, help="after admission")
     launch.add_argument("--queue-timeout-hours", type=float, default=168.0, help="while queued")
     launch.set_defaults(handler=cmd_launch)
+
+    rollout = sub.add_parser(
+        "rollout", help="point a KServe InferenceService at a registered version (the champion)"
+    )
+    rollout.add_argument("--service", default="cellseg", help="InferenceService name")
+    rollout.add_argument("--namespace", default=cluster.NAMESPACE)
+    rollout.add_argument("--model-name", default="cellseg", help="registered model")
+    rollout.add_argument("--version", default="champion", help="an alias or a version number")
+    rollout.add_argument(
+        "--canary", type=int, default=0, metavar="PERCENT", help="1..99: a canary share; 0: all"
+    )
+    rollout.add_argument("--dry-run", action="store_true", help="print the patch, apply nothing")
+    rollout.set_defaults(handler=cmd_rollout)
 
     compare = sub.add_parser("compare", help="compare pipeline runs and registry versions")
     compare.add_argument("--last", type=int, default=10, help="the last N pipeline runs")

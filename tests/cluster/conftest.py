@@ -27,6 +27,8 @@ CRDS = [
     SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml",
     SCHEMAS / "trainer.kubeflow.org_trainingruntimes.yaml",
     SCHEMAS / "trainer.kubeflow.org_clustertrainingruntimes.yaml",
+    SCHEMAS / "serving.kserve.io_inferenceservices.yaml",
+    SCHEMAS / "serving.kserve.io_clusterservingruntimes.yaml",
     Path(__file__).with_name("kueue-localqueue-crd.yaml"),
 ]
 NAMESPACE = "cellseg"

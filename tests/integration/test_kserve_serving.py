@@ -20,6 +20,7 @@ from PIL import Image
 from cellseg.classes import CLASS_NAMES
 from cellseg.evaluation.inference import Predictor, predict_batch
 from cellseg.ops.registry import CHAMPION, instance_rows, promote, register
+from cellseg.serving.rollout import PROXIED_ARTIFACTS, champion_storage_uri
 from tests.integration.conftest import free_port
 from tests.integration.test_mlflow_registry import fake_metrics, new_run
 
@@ -33,14 +34,20 @@ def bccd_jpeg(bccd_source) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def champion_dir(mlflow_server, checkpoint, tmp_path_factory):
-    """The registered champion's MLflow model folder, as KServe's storage initializer puts
-    the InferenceService's storageUri at /mnt/models."""
+def champion_name(mlflow_server, checkpoint):
     mlflow.set_tracking_uri(mlflow_server)
     name = f"cellseg-{uuid.uuid4().hex[:8]}"
     version, _ = register(new_run(), checkpoint, fake_metrics(0.5), np.zeros((32, 32, 3), np.uint8),
                           name)  # fmt: skip
     promote(version, name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def champion_dir(champion_name, tmp_path_factory):
+    """The registered champion's MLflow model folder, as KServe's storage initializer puts
+    the InferenceService's storageUri at /mnt/models."""
+    name = champion_name
     dst = tmp_path_factory.mktemp("champion")
     return mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION}", dst_path=str(dst))
 
@@ -163,3 +170,14 @@ def test_a_bad_payload_gets_400_with_one_line_and_the_server_keeps_serving(serve
     assert message and "\n" not in message and len(message) < 300, answer
     status, _ = v2(server, [b64_input(bccd_jpeg)])
     assert status == 200
+
+
+def test_the_champions_storage_uri_is_its_model_folder_on_the_mlflow_volume(
+    champion_name, tmp_path_factory
+):
+    uri = champion_storage_uri(champion_name)  # what the promote step patches in
+    assert uri.startswith(f"{PROXIED_ARTIFACTS}/"), uri
+    # the test server's --artifacts-destination stands for the mlflow-store volume's artifacts/
+    (artifacts,) = tmp_path_factory.getbasetemp().glob("mlflow[0-9]*/artifacts")
+    folder = artifacts / uri.removeprefix(f"{PROXIED_ARTIFACTS}/")
+    assert (folder / "MLmodel").is_file() and (folder / "serving_model.py").is_file()

@@ -68,7 +68,8 @@ def objects(request):
     return render(request.param)
 
 
-CUSTOM_KINDS = {"TrainingRuntime", "LocalQueue"}  # checked by the real API server: tests/cluster
+# checked by the real API server: tests/cluster
+CUSTOM_KINDS = {"TrainingRuntime", "LocalQueue", "ClusterServingRuntime", "InferenceService"}
 
 
 def test_every_object_validates_against_the_kubernetes_schemas(objects):
@@ -108,7 +109,9 @@ def test_every_container_is_limited_non_root_and_unprivileged(objects):
 
 def test_rbac_allows_training_jobs_and_pod_logs_in_the_namespace_only(objects):
     assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
-    (role,) = [o for o in objects if o["kind"] == "Role"]
+    (role,) = [
+        o for o in objects if o["kind"] == "Role" and o["metadata"]["name"] != "cellseg-rollout"
+    ]
     rules = {
         (g, r): set(rule["verbs"])
         for rule in role["rules"]
@@ -122,6 +125,22 @@ def test_rbac_allows_training_jobs_and_pod_logs_in_the_namespace_only(objects):
         ("", "pods/log"): {"get"},
     }
     assert role["metadata"]["namespace"] == "cellseg"
+
+
+def test_the_serving_overlays_serve_the_champion_on_cpu_or_on_a_gpu():
+    for overlay, gpus in (("serving", 0), ("serving-gpu", 1)):
+        objects = render(overlay)
+        (isvc,) = [o for o in objects if o["kind"] == "InferenceService"]
+        (runtime,) = [o for o in objects if o["kind"] == "ClusterServingRuntime"]
+        model = isvc["spec"]["predictor"]["model"]
+        assert model["runtime"] == runtime["metadata"]["name"], overlay
+        limits = model["resources"]["limits"]
+        assert int(limits.get(cluster.ACCELERATOR, 0)) == gpus, overlay
+        assert f"--threads={limits['cpu']}" in model["args"], overlay  # threads = CPU limit
+        assert ("--device=cuda" in model["args"]) == bool(gpus), overlay
+        roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Role"}
+        (rule,) = roles["cellseg-rollout"]["rules"]  # the promote step: roll, nothing more
+        assert rule["resources"] == ["inferenceservices"] and rule["verbs"] == ["get", "patch"]
 
 
 def test_shared_volumes_are_read_write_many(objects):

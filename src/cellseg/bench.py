@@ -295,15 +295,14 @@ def bench_serving(
     import statistics
 
     import psutil
-    import torch
 
-    from cellseg.evaluation.inference import Predictor
+    from cellseg.evaluation.inference import Predictor, set_inference_threads
     from cellseg.evaluation.predict import predict
 
     ckpt = random_checkpoint(data, work)
     paths = sorted((source / "JPEGImages").glob("*.jpg"))[:n]
     bodies = [_v2_body(p.read_bytes()) for p in paths]
-    torch.set_num_threads(os.cpu_count() or 1)
+    set_inference_threads()  # as `cellseg predict` and the server set them
     predictor = Predictor.from_checkpoint(ckpt)
     predict(paths[:1], predictor, work / "predict-warmup")
     server, base = _start_server(ckpt, work)

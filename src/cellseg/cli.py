@@ -62,9 +62,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from cellseg.evaluation.inference import set_inference_threads
     from cellseg.evaluation.predict import predict
     from cellseg.ops.model_ref import load_predictor
 
+    set_inference_threads(args.threads)
     failures = predict(args.inputs, load_predictor(args.model, args.device), args.out)
     if failures:
         raise CellsegError(f"{failures} file(s) failed (see above); the others are in {args.out}")
@@ -198,6 +200,7 @@ def add_model_commands(sub) -> None:
     predict.add_argument("--model", required=True, help="checkpoint, folder or MLflow URI")
     predict.add_argument("--out", type=Path, required=True)
     predict.add_argument("--device", default="cpu")
+    predict.add_argument("--threads", type=int, default=0, help="0: the CPUs it may use")
     predict.set_defaults(handler=cmd_predict)
 
 

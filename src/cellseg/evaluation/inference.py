@@ -24,6 +24,18 @@ MAX_PIXELS = 4096 * 4096
 SAVED_PARAMS = tuple(f.name for f in fields(PostprocessParams) if f.name in CONFIG_FIELDS)
 
 
+def set_inference_threads(threads: int = 0) -> int:
+    """torch's and OpenCV's thread counts for inference: ``threads``, or the CPUs this process
+    may use. Measured on 2 cores: OpenCV left at its default made a 640x480 prediction take
+    1.9 s against 0.32 s with both set to 2. Returns the count."""
+    import os
+
+    n = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    cv2.setNumThreads(n)
+    return n
+
+
 def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     """Grayscale, RGBA and 16-bit images -> (H, W, 3) uint8."""
     if image.dtype == np.uint16:

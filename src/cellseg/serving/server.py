@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import threading
 import uuid
 
@@ -115,15 +114,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import cv2
     import kserve
-    import torch
     from kserve.model_server import app
 
+    from cellseg.evaluation.inference import set_inference_threads
+
     args = parser().parse_args(argv)
-    threads = args.threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    cv2.setNumThreads(threads)
+    set_inference_threads(args.threads)
     try:
         model = build_model(args.model_name, args.model_dir, args.device)
     except CellsegError as err:

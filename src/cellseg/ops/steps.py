@@ -256,8 +256,26 @@ def register_step(
     return {"version": version, "promote": decision.promote, "reasons": decision.reasons}
 
 
-def promote_step(version: str, mlflow_uri: str | None) -> None:
-    from cellseg.ops.registry import promote
+def promote_step(
+    version: str, mlflow_uri: str | None, inference_service: str = "", canary_percent: int = 0
+) -> str:
+    """Move ``champion`` to ``version``; with ``inference_service``, roll that KServe
+    InferenceService (in this pod's namespace) to it, all traffic or a ``canary_percent``
+    share. Returns the storageUri rolled to ("" when no service is named)."""
+    from cellseg.ops.registry import MODEL_NAME, promote
 
     tracking.configure(mlflow_uri or None)
     promote(version)
+    if not inference_service:
+        return ""
+    from cellseg.serving.rollout import champion_storage_uri, roll_inference_service
+
+    uri = champion_storage_uri(MODEL_NAME, version)
+    from kubernetes import config
+
+    if in_cluster():
+        config.load_incluster_config()
+    else:
+        config.load_kube_config()
+    roll_inference_service(inference_service, pod_namespace(), uri, canary_percent)
+    return uri

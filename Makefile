@@ -10,8 +10,8 @@ OUT ?= out
 PREVIEW ?= 4
 
 .PHONY: help setup data convert test lint format bench lock compile pipeline-run schedule \
-	unschedule compare serve mlflow-ui images push base-image deploy clean bench-gpu gpu-wheels quality \
-	crds doctor
+	unschedule compare serve serve-kserve mlflow-ui images push base-image deploy clean bench-gpu \
+	gpu-wheels quality crds doctor
 
 CRON ?= 0 0 3 * * 1
 REGISTRY ?= registry.example.com/cellseg
@@ -63,6 +63,11 @@ serve: setup ## Serve MODEL (default: the champion) over HTTP on 127.0.0.1:$(SER
 	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" \
 		$(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
+serve-kserve: setup ## Serve MODEL with the server KServe runs (V2 + V1, python -m cellseg.serving) on port $(SERVE_PORT)
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" \
+		$(BIN)/python -m cellseg.serving --model_dir "$(MODEL)" --model_name cellseg \
+		--http_port $(SERVE_PORT) --enable_grpc false
+
 mlflow-ui: setup ## Serve the embedded MLflow store on http://127.0.0.1:5000 (MLFLOW_PORT=...)
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
 		--backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
@@ -79,8 +84,8 @@ format: setup ## Apply ruff fixes and formatting
 test: lint ## Lint, then run the whole test suite
 	$(BIN)/pytest
 
-bench: data ## Print the benchmarks (conversion rate, ...)
-	$(BIN)/python -m cellseg.bench
+bench: data ## Print the benchmarks (conversion rate, ..., serving over HTTP; SECTION=serving: that one)
+	$(BIN)/python -m cellseg.bench $(if $(SECTION),--only $(SECTION))
 
 quality: data ## Train PROFILE (default local) from scratch: val/test box AP@0.5 per class, minutes (SET="k=v ...")
 	$(BIN)/python -m cellseg.quality --source data/BCCD --profile $(or $(PROFILE),local) \

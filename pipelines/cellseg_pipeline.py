@@ -68,6 +68,8 @@ def cellseg_pipeline(
     run_tags: dict = {},  # noqa: B006
     promotion_tolerance: float = 0.02,
     force_promote: bool = False,
+    inference_service: str = "",  # a KServe InferenceService rolled to each new champion
+    canary_traffic_percent: int = 0,  # 1..99: that share to the new champion first; 0: all
 ):
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
     version = on_cpu(data_version(source=source, expected_md5=data_md5)).set_caching_options(False)
@@ -139,7 +141,14 @@ def cellseg_pipeline(
         )
     ).set_caching_options(False)
     with dsl.If(gate.outputs["Output"] == True, name="promotion-gate"):  # noqa: E712
-        promoted = on_cpu(promote(registered=gate.outputs["registered"], mlflow_uri=mlflow_uri))
+        promoted = on_cpu(
+            promote(
+                registered=gate.outputs["registered"],
+                mlflow_uri=mlflow_uri,
+                inference_service=inference_service,
+                canary_traffic_percent=canary_traffic_percent,
+            )
+        )
         promoted.set_caching_options(False)
     for task in (phase1, phase2, scores, champion, gate, promoted):  # the steps that call MLflow
         mlflow_login(task)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from cellseg.cluster.local_containers import docker_api
 from cellseg.ops.gate_report import side_by_side, verdict
-from cellseg.ops.registry import CHAMPION_MOVED
 from cellseg.ops.steps import data_version_step
 from cellseg.ops.tracking import default_tracking_uri
 from pipelines.cellseg_pipeline import cellseg_pipeline
@@ -148,13 +147,6 @@ def summary(run_dir: Path, mlflow_uri: str) -> str:
               f"{'; '.join(reg['reasons'])}", ""]  # fmt: skip
     lines.append(f"  {'':<28} {'challenger':>12} {'champion':>20}")
     lines += [f"  {what:<28} {new:>12} {old:>20}" for what, new, old in side_by_side(reg)]
-    promote = run_dir / "promote" / "executor_output.json"
-    if (
-        reg["promote"]
-        and promote.is_file()
-        and not executor_output(run_dir, "promote").get("parameterValues", {}).get("Output", True)
-    ):
-        lines.append(f"  promote: {CHAMPION_MOVED}: kept as challenger")
     lines += [
         "",
         f"Report:   {run_dir / 'evaluate' / 'report_files' / 'report.md'}",

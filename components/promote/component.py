@@ -5,13 +5,19 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def promote(registered: Input[Model], mlflow_uri: str) -> bool:
+def promote(
+    registered: Input[Model],
+    mlflow_uri: str,
+    inference_service: str = "",
+    canary_traffic_percent: int = 0,
+) -> str:
     """Move ``champion`` to the registered version if it still points to the version the gate
-    compared against; returns whether it moved."""
+    compared against and, with ``inference_service``, roll that KServe InferenceService to it;
+    returns its storageUri ("" when none, or when ``champion`` moved during the run)."""
     from cellseg.ops.steps import promote_step
 
     meta = registered.metadata
-    result = promote_step(
-        meta["version"], meta["champion_version"], mlflow_uri, meta.get("forced", False)
-    )
-    return result["promoted"]
+    return promote_step(
+        meta["version"], meta["champion_version"], mlflow_uri, meta.get("forced", False),
+        inference_service, canary_traffic_percent,
+    )  # fmt: skip

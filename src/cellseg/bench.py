@@ -2,8 +2,10 @@
 
 Speed is measured here, never asserted in tests. Sections: conversion rate; input pipeline vs
 model (train-step throughput with the real loader / with pre-loaded tensors); post-processing
-rate on one core beside a per-instance reference; evaluation time of the test split; and, on a
-GPU, images/s and model-FLOPs utilisation of whole Phase 1 / Phase 2 training steps.
+rate on one core beside a per-instance reference; evaluation time of the test split; serving
+(the KServe model server over HTTP beside `cellseg predict`, p50/p95 at concurrency 1 and 4, a
+bounded load test with the server's memory); and, on a GPU, images/s and model-FLOPs
+utilisation of whole Phase 1 / Phase 2 training steps.
 """
 
 from __future__ import annotations
@@ -150,12 +152,8 @@ def bench_postprocess(data: Path, n: int = 20) -> list[Row]:
     ]
 
 
-def bench_evaluation(data: Path, work: Path) -> list[Row]:
-    """Evaluating the 72 test images with a (random-init) local-profile model."""
-    import torch
-
-    from cellseg.evaluation.evaluate import evaluate
-    from cellseg.evaluation.inference import Predictor
+def random_checkpoint(data: Path, work: Path) -> Path:
+    """A (random-init) local-profile model: the real architecture and input size."""
     from cellseg.model.checkpoint import save_checkpoint
     from cellseg.training.config import load_config
     from cellseg.training.loop import build_model, checkpoint_meta
@@ -163,12 +161,192 @@ def bench_evaluation(data: Path, work: Path) -> list[Row]:
     config = load_config("local", 1)
     model, _ = build_model(config, 1)
     ckpt = work / "random.pt"
-    save_checkpoint(ckpt, model, checkpoint_meta(model, 1, config, data), 0, float("inf"))
+    if not ckpt.is_file():
+        save_checkpoint(ckpt, model, checkpoint_meta(model, 1, config, data), 0, float("inf"))
+    return ckpt
+
+
+def bench_evaluation(data: Path, work: Path) -> list[Row]:
+    """Evaluating the 72 test images with a (random-init) local-profile model."""
+    import torch
+
+    from cellseg.evaluation.evaluate import evaluate
+    from cellseg.evaluation.inference import Predictor
+
+    ckpt = random_checkpoint(data, work)
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
     metrics = evaluate(data, Predictor.from_checkpoint(ckpt), work / "eval", overlays=1)
     seconds = time.perf_counter() - start
     return [("evaluate test split", f"{metrics['images']} images in {seconds:.1f} s")]
+
+
+def _v2_body(jpeg: bytes) -> bytes:
+    import base64
+    import json
+
+    b64 = base64.b64encode(jpeg).decode()
+    return json.dumps(
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]}
+    ).encode()
+
+
+def _infer(url: str, body: bytes) -> float:
+    """Seconds for one V2 request; raises unless it is answered 200."""
+    import urllib.request
+
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        answer.read()
+        if answer.status != 200:
+            raise RuntimeError(f"HTTP {answer.status}")
+    return time.perf_counter() - start
+
+
+def _drive(url: str, bodies: list[bytes], clients: int, seconds: float = 0.0):
+    """``clients`` threads sending ``bodies`` (each once, or round and round for ``seconds``);
+    returns (latencies, failures, wall seconds)."""
+    import itertools
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    latencies, failures, lock = [], [], threading.Lock()
+    feed = itertools.cycle(bodies) if seconds else iter(bodies)
+    end = time.perf_counter() + seconds
+
+    def client():
+        while not seconds or time.perf_counter() < end:
+            with lock:
+                body = next(feed, None)
+            if body is None:
+                return
+            try:
+                took = _infer(url, body)
+            except Exception as err:  # a failed request is counted, never hidden
+                with lock:
+                    failures.append(f"{type(err).__name__}: {err}")
+                continue
+            with lock:
+                latencies.append(took)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for _ in range(clients):
+            pool.submit(client)
+    return latencies, failures, time.perf_counter() - start
+
+
+def _latency(seconds: list[float]) -> str:
+    import numpy as np
+
+    if not seconds:
+        return "no answer"
+    p50, p95 = np.percentile(seconds, [50, 95]) * 1e3
+    return f"p50 {p50:.0f} ms, p95 {p95:.0f} ms"
+
+
+def _start_server(ckpt: Path, work: Path):
+    """`python -m cellseg.serving` on a free port of 127.0.0.1; returns (process, V2 base URL)."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = work / "kserve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "cellseg.serving", "--model_dir", str(ckpt), "--model_name",
+             "cellseg", "--http_port", str(port), "--enable_grpc", "false",
+             "--enable_latency_logging", "false"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}/v2/models/cellseg"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/ready", timeout=2):
+                return server, base
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"the model server did not start:\n{log.read_text()}") from None
+            time.sleep(0.5)
+
+
+def bench_serving(
+    source: Path,
+    data: Path,
+    work: Path,
+    n: int = 8,
+    rounds: int = 3,
+    clients: int = 4,
+    seconds: float = 30,
+) -> list[Row]:
+    """The KServe model server (`python -m cellseg.serving`) on 127.0.0.1, base64 JPEGs over
+    V2 HTTP, beside `cellseg predict` on the same ``n`` BCCD images in this run; then a bounded
+    load test (``clients`` clients for ``seconds``) with the server's memory before and after.
+
+    Both run on the same cores: ``rounds`` alternating rounds (predict, served at concurrency
+    1, then at ``clients``), medians reported, so a neighbour's load hits both alike."""
+    import statistics
+
+    import psutil
+
+    from cellseg.evaluation.inference import Predictor, set_inference_threads
+    from cellseg.evaluation.predict import predict
+
+    ckpt = random_checkpoint(data, work)
+    paths = sorted((source / "JPEGImages").glob("*.jpg"))[:n]
+    bodies = [_v2_body(p.read_bytes()) for p in paths]
+    set_inference_threads()  # as `cellseg predict` and the server set them
+    predictor = Predictor.from_checkpoint(ckpt)
+    predict(paths[:1], predictor, work / "predict-warmup")
+    server, base = _start_server(ckpt, work)
+    url = f"{base}/infer"
+    try:
+        _drive(url, bodies[:2], 1)  # warm-up
+        rates: dict[str, list[float]] = {"predict": [], 1: [], clients: []}
+        latencies: dict[int, list[float]] = {1: [], clients: []}
+        failures: list[str] = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            predict(paths, predictor, work / "predict")
+            rates["predict"].append(len(paths) / (time.perf_counter() - start))
+            for c in (1, clients):
+                lat, failed, wall = _drive(url, bodies, c)
+                rates[c].append(len(lat) / wall)
+                latencies[c] += lat
+                failures += failed
+        median = {k: statistics.median(v) for k, v in rates.items()}
+        rows: list[Row] = [
+            (f"cellseg predict, {n} 640x480 JPEGs (median of {rounds})",
+             f"{median['predict']:.2f} img/s"),
+        ]  # fmt: skip
+        for c in (1, clients):
+            rows.append((f"served over V2 HTTP, base64 JPEG, concurrency {c}",
+                         f"{median[c]:.2f} img/s, {_latency(latencies[c])}"))  # fmt: skip
+        ratio = median[clients] / median["predict"]
+        rows.append((f"served (concurrency {clients}) / cellseg predict",
+                     f"{ratio:.2f} (goal >= 0.8); {len(failures)} failed"))  # fmt: skip
+        del predictor
+        proc = psutil.Process(server.pid)
+        rss_before = proc.memory_info().rss
+        lat, failed, wall = _drive(url, bodies, clients, seconds)
+        rss_after = proc.memory_info().rss
+        figure = f"{len(lat)} requests, {len(failed)} failed, {len(lat) / wall:.2f} req/s, "
+        rows.append((f"load test, {clients} clients x {seconds:.0f} s", figure + _latency(lat)))
+        rss = f"{rss_before / 2**20:.0f} / {rss_after / 2**20:.0f} MiB"
+        rows.append(("  server RSS before / after", rss))
+        if failures or failed:
+            rows.append(("  first failure", (failures + failed)[0][:200]))
+        return rows
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def bench_gpu(data: Path) -> list[Row]:
@@ -189,20 +367,37 @@ def bench_gpu(data: Path) -> list[Row]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=Path("data/BCCD"))
+    parser.add_argument(
+        "--only", choices=("serving",), help="one section (it converts what it needs)"
+    )
     args = parser.parse_args(argv)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "dataset"
+        if args.only == "serving":
+            from cellseg.data.convert import convert_dataset
+
+            convert_dataset(args.source, data)
+            rows += bench_serving(args.source, data, Path(tmp))
+            args.only = "done"
+        if args.only:
+            _print(rows)
+            return
         rows += bench_conversion(args.source, data)
         rows += bench_input_pipeline(data)
         rows += bench_postprocess(data)
         rows += bench_evaluation(data, Path(tmp))
+        rows += bench_serving(args.source, data, Path(tmp))
         import torch
 
         if torch.cuda.is_available():
             rows += bench_gpu(data)
         else:
             rows.append(("GPU training step (MFU)", "skipped: no CUDA device"))
+    _print(rows)
+
+
+def _print(rows: list[Row]) -> None:
     width = max(len(name) for name, _ in rows)
     for name, figure in rows:
         print(f"{name:<{width}}  {figure}")

@@ -65,10 +65,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from cellseg.evaluation.inference import set_inference_threads
     from cellseg.evaluation.predict import predict
     from cellseg.ops.model_ref import load_predictor
 
-    match_torch_threads()  # the cgroup's CPU quota, not the host's core count
+    set_inference_threads(args.threads)
     failures = predict(args.inputs, load_predictor(args.model, args.device), args.out)
     if failures:
         raise CellsegError(f"{failures} file(s) failed (see above); the others are in {args.out}")
@@ -93,6 +94,25 @@ def cmd_register(args: argparse.Namespace) -> None:
         moved = promote(result["version"], result["champion_version"], force=result["forced"])
         result |= {"promote": moved.promote, "reasons": result["reasons"] + moved.reasons}
     print(json.dumps(result))
+
+
+def cmd_rollout(args: argparse.Namespace) -> None:
+    import json
+
+    from cellseg.ops.tracking import configure
+    from cellseg.serving.rollout import champion_storage_uri, roll_inference_service, rollout_patch
+
+    configure()
+    uri = champion_storage_uri(args.model_name, args.version)
+    if args.dry_run:
+        print(json.dumps(rollout_patch(uri, args.canary)))
+        return
+    from kubernetes import config
+
+    config.load_kube_config()
+    roll_inference_service(args.service, args.namespace, uri, args.canary)
+    share = f"{args.canary}% of the traffic" if 0 < args.canary < 100 else "all traffic"
+    print(f"inferenceservice/{args.service} -> {uri} ({share})")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -216,6 +236,7 @@ def add_model_commands(sub) -> None:
     predict.add_argument("--model", required=True, help="checkpoint, folder or MLflow URI")
     predict.add_argument("--out", type=Path, required=True)
     predict.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    predict.add_argument("--threads", type=int, default=0, help="0: the CPUs it may use")
     predict.set_defaults(handler=cmd_predict)
 
 
@@ -274,6 +295,19 @@ def add_ops_commands(sub) -> None:
         help="whose rights to check (default: the pipeline's account; '' = yours)",
     )  # fmt: skip
     doctor.set_defaults(handler=cmd_doctor)
+
+    rollout = sub.add_parser(
+        "rollout", help="point a KServe InferenceService at a registered version (the champion)"
+    )
+    rollout.add_argument("--service", default="cellseg", help="InferenceService name")
+    rollout.add_argument("--namespace", default=cluster.NAMESPACE)
+    rollout.add_argument("--model-name", default="cellseg", help="registered model")
+    rollout.add_argument("--version", default="champion", help="an alias or a version number")
+    rollout.add_argument(
+        "--canary", type=int, default=0, metavar="PERCENT", help="1..99: a canary share; 0: all"
+    )
+    rollout.add_argument("--dry-run", action="store_true", help="print the patch, apply nothing")
+    rollout.set_defaults(handler=cmd_rollout)
 
     compare = sub.add_parser("compare", help="compare pipeline runs and registry versions")
     compare.add_argument("--last", type=int, default=10, help="the last N pipeline runs")

@@ -35,6 +35,8 @@ CRD_FILES = (
     "kueue/kueue.x-k8s.io_clusterqueues.yaml",
     "kueue/kueue.x-k8s.io_resourceflavors.yaml",
     "kueue/kueue.x-k8s.io_workloads.yaml",
+    "serving.kserve.io_inferenceservices.yaml",  # KServe v0.20.0 (overlays/serving*)
+    "serving.kserve.io_clusterservingruntimes.yaml",
 )
 NAMESPACE = "cellseg"
 PIPELINE_SA = f"system:serviceaccount:{NAMESPACE}:cellseg-pipeline"

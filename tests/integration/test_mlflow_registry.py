@@ -1,6 +1,7 @@
 """Registry and tracking against a real `mlflow server` (on SQLite and on PostgreSQL):
 register, aliases, pyfunc, the gate on fresh scores, promotions that overlap."""
 
+import base64
 import json
 import os
 import subprocess
@@ -118,12 +119,21 @@ def test_register_alias_load_by_alias_and_predict_on_a_bccd_image(
         )
         with urllib.request.urlopen(request, timeout=120) as answer:
             served = json.loads(answer.read())["predictions"]
+        # the README's curl line: the JPEG itself, base64, ~30x smaller than its pixel values
+        jpeg = (bccd_source / "JPEGImages" / "BloodImage_00000.jpg").read_bytes()
+        body = json.dumps({"inputs": [base64.b64encode(jpeg).decode()] * 2}).encode()
+        request.data = body
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            encoded = json.loads(answer.read())["predictions"]
     finally:
         server.terminate()
         server.wait(timeout=30)
     assert len(served) == len(cells)  # one row per cell
     assert [r["class_name"] for r in served] == list(cells["class_name"])
     assert [r["area"] for r in served] == list(cells["area"])
+    # two encoded images in one request: each image's rows, tagged by its index
+    for i in (0, 1):
+        assert [r["area"] for r in encoded if r["image"] == i] == list(cells["area"])
 
 
 def champion_now(name: str) -> str:

@@ -69,21 +69,30 @@ def objects(request):
     return render(request.param)
 
 
-CUSTOM_KINDS = {"TrainingRuntime", "LocalQueue", "Profile"}  # the real API server: tests/cluster
-CLUSTER_SCOPED = {"Namespace", "Profile"}
+CUSTOM_KINDS = {
+    "TrainingRuntime",
+    "LocalQueue",
+    "Profile",
+    "ClusterServingRuntime",
+    "InferenceService",
+}  # the real API server: tests/cluster
+NAMESPACE_KINDS = {"Namespace", "Profile"}  # the project's namespace, bare or a Profile
+# kustomize stamps its namespace on kinds it does not know, ClusterServingRuntime too; the API
+# server drops it for a cluster-scoped object (tests/cluster applies the serving overlays)
+CLUSTER_SCOPED = NAMESPACE_KINDS | {"ClusterServingRuntime"}
 
 
 def test_every_object_validates_against_the_kubernetes_schemas(objects):
     kinds = {o["kind"] for o in objects}
     assert {"PersistentVolumeClaim", "Deployment", "Service", "Role"} <= kinds
-    assert len(kinds & CLUSTER_SCOPED) == 1  # the namespace: bare (standalone) or a Profile
+    assert len(kinds & NAMESPACE_KINDS) == 1  # the namespace: bare (standalone) or a Profile
     assert "TrainingRuntime" in kinds  # every overlay ships the Trainer v2 runtime
     for obj in objects:
         if obj["kind"] not in CUSTOM_KINDS:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-        if obj["kind"] in CLUSTER_SCOPED:
+        if obj["kind"] in NAMESPACE_KINDS:
             assert obj["metadata"]["name"] == "cellseg" and "namespace" not in obj["metadata"]
-        else:
+        elif obj["kind"] not in CLUSTER_SCOPED:
             assert obj["metadata"].get("namespace") == "cellseg", obj["metadata"]["name"]
 
 
@@ -204,6 +213,22 @@ def test_the_kubeflow_overlay_is_a_profile_with_mlflow_behind_its_own_login():
 def test_the_local_queue_is_kueue_v1beta2():
     (queue,) = [o for o in render("kueue") if o["kind"] == "LocalQueue"]
     assert queue["apiVersion"] == "kueue.x-k8s.io/v1beta2"  # v1beta1: deprecated in Kueue 0.16
+
+
+def test_the_serving_overlays_serve_the_champion_on_cpu_or_on_a_gpu():
+    for overlay, gpus in (("serving", 0), ("serving-gpu", 1)):
+        objects = render(overlay)
+        (isvc,) = [o for o in objects if o["kind"] == "InferenceService"]
+        (runtime,) = [o for o in objects if o["kind"] == "ClusterServingRuntime"]
+        model = isvc["spec"]["predictor"]["model"]
+        assert model["runtime"] == runtime["metadata"]["name"], overlay
+        limits = model["resources"]["limits"]
+        assert int(limits.get(cluster.ACCELERATOR, 0)) == gpus, overlay
+        assert f"--threads={limits['cpu']}" in model["args"], overlay  # threads = CPU limit
+        assert ("--device=cuda" in model["args"]) == bool(gpus), overlay
+        roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Role"}
+        (rule,) = roles["cellseg-rollout"]["rules"]  # the promote step: roll, nothing more
+        assert rule["resources"] == ["inferenceservices"] and rule["verbs"] == ["get", "patch"]
 
 
 def test_shared_volumes_are_read_write_many(objects):

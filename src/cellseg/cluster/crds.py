@@ -41,6 +41,10 @@ def _trainer(name: str) -> str:
     return f"{GITHUB}/kubeflow/trainer/v2.3.0/manifests/base/crds/trainer.kubeflow.org_{name}.yaml"
 
 
+def _kserve(name: str) -> str:
+    return f"{GITHUB}/kserve/kserve/v0.20.0/config/crd/full/serving.kserve.io_{name}.yaml"
+
+
 def _kueue(name: str) -> str:
     base = f"{GITHUB}/kubernetes-sigs/kueue/v0.19.2/config/components/crd/bases"
     return f"{base}/kueue.x-k8s.io_{name}.yaml"
@@ -110,6 +114,18 @@ PINS = (
         _kueue("workloads"),
         "3ef48dbe0ce354973a6f395459b85d7fd53ac6974f1324540355f68104c5e0f9",
         "9cd80795d550c1209c219b15cb0a2e7485cfee26119da32debc538cef9117b1e",
+    ),
+    Pin(
+        "serving.kserve.io_inferenceservices.yaml",
+        _kserve("inferenceservices"),
+        "79a13b7c891d505da4112ad41a5b3a40e0db385ceefa574c4c2ab7244566c155",
+        "a2652acf99a9ddf735ae18ebfb0d3b0bfc6d8ebb940e53c0e4c42136ff1e017d",
+    ),
+    Pin(
+        "serving.kserve.io_clusterservingruntimes.yaml",
+        _kserve("clusterservingruntimes"),
+        "1e7e8c89e05f89e03c4656ef281e843ced10b5f04af2349cb4a64cd3414f2c85",
+        "8596807e34e6de6982ad270499c044ea01277bea8edf1a389183f90d475509f3",
     ),
 )
 

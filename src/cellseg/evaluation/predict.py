@@ -36,20 +36,29 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Pixels as an array (uint8 or uint16; gray, RGB or RGBA); raises InputError."""
-    if not path.is_file():
-        raise InputError("file not found")
+def decode_image(data: bytes) -> np.ndarray:
+    """Pixels of an encoded image (JPEG, PNG, TIFF, BMP) as an array (uint8 or uint16; gray,
+    RGB or RGBA); raises InputError. ``cellseg predict`` and the model server both read
+    images through here."""
+    if not data:
+        raise InputError("empty image")
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 return np.asarray(im).astype(np.uint16)
             if im.mode not in ("L", "RGB", "RGBA"):
                 im = im.convert("RGBA" if "A" in im.mode else "RGB")
             return np.asarray(im)
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
         raise InputError(f"not a readable image ({err.__class__.__name__})") from None
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Pixels of an image file (see :func:`decode_image`); raises InputError."""
+    if not path.is_file():
+        raise InputError("file not found")
+    return decode_image(path.read_bytes())
 
 
 def predict(inputs: list[Path], predictor, out: Path) -> int:

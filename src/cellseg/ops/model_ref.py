@@ -2,7 +2,8 @@
 folder, or an MLflow URI.
 
 ``models:/cellseg@champion``, ``models:/cellseg/3`` and ``runs:/<id>/model`` are downloaded with
-MLflow (imported only then) and resolved to the checkpoint the registered model carries.
+MLflow (imported only then) and resolved to the checkpoint the registered model carries; so is
+a folder that holds a downloaded MLflow model (its ``MLmodel`` file).
 """
 
 from __future__ import annotations
@@ -18,10 +19,17 @@ def resolve_checkpoint(model_ref: str) -> Path:
     if str(model_ref).startswith(MLFLOW_SCHEMES):
         import mlflow
 
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(model_ref)))
-        found = sorted(local.rglob("*.pt"))  # a registered model carries its one checkpoint
-        return found[0] if len(found) == 1 else find_checkpoint(local / "artifacts")
+        return mlflow_model_checkpoint(
+            Path(mlflow.artifacts.download_artifacts(artifact_uri=str(model_ref)))
+        )
+    if (Path(model_ref) / "MLmodel").is_file():  # a downloaded model (KServe's /mnt/models)
+        return mlflow_model_checkpoint(Path(model_ref))
     return find_checkpoint(Path(model_ref))
+
+
+def mlflow_model_checkpoint(local: Path) -> Path:
+    found = sorted(local.rglob("*.pt"))  # a registered model carries its one checkpoint
+    return found[0] if len(found) == 1 else find_checkpoint(local / "artifacts")
 
 
 def load_predictor(model_ref: str, device: str = "auto"):

@@ -85,39 +85,51 @@ def decide(
     return Decision(True, [f"test PQ {new:.4f} beats the champion's {old:.4f}"])
 
 
-def instances_table(inst, pd):
-    """A DataFrame with one row per instance: id, class, score, box and area."""
-    import numpy as np
+CELL_COLUMNS = (
+    "instance_id",
+    "category_id",
+    "class_name",
+    "score",
+    "x",
+    "y",
+    "width",
+    "height",
+    "area",
+)
 
+
+def instance_rows(inst) -> list[dict]:
+    """One dict per instance (:data:`CELL_COLUMNS`): id, class, score, box and area."""
+    import numpy as np
+    from scipy import ndimage
+
+    labels = np.ascontiguousarray(inst.labels)
+    areas = np.bincount(labels.ravel())
     rows = []
-    for i in np.unique(inst.labels[inst.labels > 0]):
-        ys, xs = np.nonzero(inst.labels == i)
+    for i, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:  # an id with no pixel left (after resizing)
+            continue
+        rows_, cols = box
         cls = int(inst.classes[i - 1])
         rows.append(
             {
-                "instance_id": int(i),
+                "instance_id": i,
                 "category_id": cls,
                 "class_name": CLASS_NAMES[cls - 1],
                 "score": float(inst.scores[i - 1]),
-                "x": int(xs.min()),
-                "y": int(ys.min()),
-                "width": int(xs.max() - xs.min() + 1),
-                "height": int(ys.max() - ys.min() + 1),
-                "area": len(xs),
+                "x": cols.start,
+                "y": rows_.start,
+                "width": cols.stop - cols.start,
+                "height": rows_.stop - rows_.start,
+                "area": int(areas[i]),
             }
         )
-    columns = [
-        "instance_id",
-        "category_id",
-        "class_name",
-        "score",
-        "x",
-        "y",
-        "width",
-        "height",
-        "area",
-    ]
-    return pd.DataFrame(rows, columns=columns)
+    return rows
+
+
+def instances_table(inst, pd):
+    """A DataFrame with one row per instance (:func:`instance_rows`)."""
+    return pd.DataFrame(instance_rows(inst), columns=list(CELL_COLUMNS))
 
 
 def log_model(run_id: str, checkpoint: Path, example_image) -> str:
@@ -126,11 +138,15 @@ def log_model(run_id: str, checkpoint: Path, example_image) -> str:
     from importlib.metadata import version
 
     import mlflow
-    import numpy as np
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+    from mlflow.types.schema import ColSpec, Schema
 
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]))
+    # Outputs only: the input is pixels or encoded images (see serving_model.py), which one
+    # input schema cannot say, and the model checks its input itself. (A signature also keeps
+    # MLflow from inferring one by running the model on the example.)
+    types = {"class_name": "string", "score": "double"}
+    outputs = Schema([ColSpec(types.get(c, "long"), c) for c in (*CELL_COLUMNS, "image")])
+    signature = ModelSignature(outputs=outputs)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -8,11 +8,14 @@ it), so writing to the registry cannot make a loader run anything but this file 
 from pathlib import Path
 
 import mlflow
-import numpy as np
 
 
 class CellSegServing(mlflow.pyfunc.PythonModel):
-    """``predict(image)``: an RGB uint8 (H, W, 3) array -> a DataFrame with one row per cell."""
+    """``predict(images)`` -> a DataFrame with one row per cell, ``image`` its image's index.
+
+    ``images``: an RGB uint8 (H, W, 3) array (pixel values, as JSON lists over HTTP), or
+    encoded images (JPEG/PNG), base64 strings or bytes, one or several: ``{"inputs": ["..."]}``.
+    """
 
     def load_context(self, context):
         from cellseg.evaluation.inference import Predictor
@@ -22,10 +25,13 @@ class CellSegServing(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
-        from cellseg.ops.registry import instances_table
+        from cellseg.evaluation.inference import predict_batch
+        from cellseg.ops.registry import CELL_COLUMNS, instance_rows
+        from cellseg.serving.payload import mlflow_images
 
-        image = np.asarray(model_input, dtype=np.uint8)
-        return instances_table(self.predictor(image), pd)
+        results = predict_batch(self.predictor, mlflow_images(model_input))
+        rows = [{**r, "image": i} for i, inst in enumerate(results) for r in instance_rows(inst)]
+        return pd.DataFrame(rows, columns=[*CELL_COLUMNS, "image"])
 
 
 mlflow.models.set_model(CellSegServing())

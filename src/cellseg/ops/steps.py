@@ -301,12 +301,32 @@ def register_step(
 
 
 def promote_step(
-    version: str, compared_with: str, mlflow_uri: str | None, force: bool = False
-) -> dict:
-    """Move ``champion`` to ``version`` unless it moved away from ``compared_with`` meanwhile."""
-    from cellseg.ops.registry import promote
+    version: str,
+    compared_with: str,
+    mlflow_uri: str | None,
+    force: bool = False,
+    inference_service: str = "",
+    canary_percent: int = 0,
+) -> str:
+    """Move ``champion`` to ``version`` unless it moved away from ``compared_with`` (the version
+    the gate compared against) meanwhile; then, with ``inference_service``, roll that KServe
+    InferenceService (in this pod's namespace) to it, all traffic or a ``canary_percent``
+    share. Returns the storageUri rolled to ("" when no service is named or nothing moved)."""
+    from cellseg.ops.registry import MODEL_NAME, promote
 
     tracking.configure(mlflow_uri or None)
     decision = promote(version, compared_with, force=force)
     print("; ".join(decision.reasons))
-    return {"promoted": decision.promote, "reasons": decision.reasons}
+    if not inference_service or not decision.promote:
+        return ""
+    from cellseg.serving.rollout import champion_storage_uri, roll_inference_service
+
+    uri = champion_storage_uri(MODEL_NAME, version)
+    from kubernetes import config
+
+    if in_cluster():
+        config.load_incluster_config()
+    else:
+        config.load_kube_config()
+    roll_inference_service(inference_service, pod_namespace(), uri, canary_percent)
+    return uri

@@ -1,0 +1,3 @@
+from cellseg.serving.server import main
+
+main()

@@ -48,7 +48,7 @@ else
 		$(if $(filter container,$(RUNNER)),--runner container --image $(IMAGE_REF))
 endif
 
-schedule: setup ## Weekly retraining on KFP_HOST: CRON="0 0 3 * * 1" (6 fields, seconds first)
+schedule: setup ## Weekly retraining on KFP_HOST: CRON="0 0 3 * * 1" (6 fields, seconds first), @weekly, "@every 168h"
 	IMAGE="$${IMAGE:-$(IMAGE_REF)}" $(BIN)/python -m pipelines.submit schedule --cron "$(CRON)"
 
 unschedule: setup ## Remove the scheduled retraining from KFP_HOST

@@ -1,10 +1,13 @@
-"""The DAG: data-version -> convert -> Phase 1 -> Phase 2 -> evaluate -> register -> promote.
+"""The DAG: data-version -> convert -> Phase 1 -> Phase 2 -> evaluate -> register -> promote,
+with score-champion (the current champion on this run's test split) beside training, feeding the
+gate in register.
 
 The GPU step (evaluation) gets the accelerator type and limit, the node selector and the
 tolerations. Training steps launch PyTorchJobs (Master + Workers) that get the GPUs, the node
 selector and the tolerations; the steps themselves only wait, on CPU. Other steps ask for CPU
 and memory only. Conversion is cached on the data md5; training and evaluation never are (a
-retraining run must retrain).
+retraining run must retrain). Every step that talks to MLflow reads its credential from the
+``cellseg-mlflow-auth`` Secret when there is one (the mlflow-team overlay's basic-auth).
 """
 
 from kfp import dsl, kubernetes
@@ -16,6 +19,7 @@ from components.data_version.component import data_version
 from components.evaluate.component import evaluate
 from components.promote.component import promote
 from components.register.component import register
+from components.score_champion.component import score_champion
 from components.train.component import train
 
 PIPELINE_NAME = "cellseg"
@@ -119,10 +123,15 @@ def cellseg_pipeline(
             task, pvc_name=cluster.CHECKPOINTS_PVC, mount_path=cluster.CHECKPOINTS_MOUNT
         )
     on_gpu(scores, gpus_per_node, node_selector, tolerations).set_caching_options(False)
+    champion = score_champion(
+        dataset=dataset, pipeline_run_id=run_id, run_tags=run_tags, mlflow_uri=mlflow_uri
+    )
+    on_gpu(champion, gpus_per_node, node_selector, tolerations).set_caching_options(False)
     gate = on_cpu(
         register(
             model=phase2.outputs["model"],
             report_files=scores.outputs["report_files"],
+            baseline=champion.outputs["baseline"],
             dataset=dataset,
             pipeline_run_id=run_id,
             run_tags=run_tags,
@@ -141,5 +150,5 @@ def cellseg_pipeline(
             )
         )
         promoted.set_caching_options(False)
-    for task in (phase1, phase2, scores, gate, promoted):  # the steps that call MLflow
+    for task in (phase1, phase2, scores, champion, gate, promoted):  # the steps that call MLflow
         mlflow_login(task)

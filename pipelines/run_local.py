@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from cellseg.cluster.local_containers import docker_api
+from cellseg.ops.gate_report import side_by_side, verdict
 from cellseg.ops.steps import data_version_step
 from cellseg.ops.tracking import default_tracking_uri
 from pipelines.cellseg_pipeline import cellseg_pipeline
@@ -34,18 +35,21 @@ def run_local(
     processes: int = 1,
     force_promote: bool = False,
     image: str | None = None,
+    data_md5: str | None = None,
 ) -> Path:
     """Run the pipeline; returns the run's output folder under ``pipeline_root``.
 
     Args:
         image: run every step inside this image (kfp.local's DockerRunner) instead of here.
+        data_md5: the revision the run insists on; None = the one at ``source`` now, "" = none
+            (as a scheduled run: the data-version step finds it, conversion is keyed on it).
     """
     from kfp import local
 
     source, pipeline_root = Path(source).resolve(), Path(pipeline_root).resolve()
     pipeline_root.mkdir(parents=True, exist_ok=True)
     before = set(pipeline_root.iterdir())
-    md5 = data_version_step(str(source))
+    md5 = data_version_step(str(source)) if data_md5 is None else data_md5
     uri = mlflow_uri or default_tracking_uri()
     pipeline, runner = cellseg_pipeline, local.SubprocessRunner(use_venv=False)
     if image:
@@ -81,7 +85,7 @@ def run_pipeline(pipeline, source, md5, profile, overrides, processes, uri, forc
         force_promote=force_promote,
         run_tags={
             "cellseg.git_commit": git_commit(),
-            "cellseg.data_md5": md5,
+            "cellseg.data_md5": md5,  # "" (dropped): the register step tags what it found
             "cellseg.image": image or "local",
             "cellseg.profile": profile,
         },
@@ -139,10 +143,11 @@ def summary(run_dir: Path, mlflow_uri: str) -> str:
     lines.append(
         f"  void-aware: PQ {va['pq']:.3f}, F1 {va['f1']:.3f}, box mAP50 {va['box_map50']:.3f}"
     )
-    verdict = "promoted to champion" if reg["promote"] else "kept as challenger"
+    lines += ["", f"Registry: cellseg version {reg['version']} {verdict(reg)}: "
+              f"{'; '.join(reg['reasons'])}", ""]  # fmt: skip
+    lines.append(f"  {'':<28} {'challenger':>12} {'champion':>20}")
+    lines += [f"  {what:<28} {new:>12} {old:>20}" for what, new, old in side_by_side(reg)]
     lines += [
-        "",
-        f"Registry: cellseg version {reg['version']} {verdict}: {'; '.join(reg['reasons'])}",
         "",
         f"Report:   {run_dir / 'evaluate' / 'report_files' / 'report.md'}",
         f"Overlays: {run_dir / 'evaluate' / 'report_files' / 'overlays'}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,8 +30,28 @@ class ScheduleError(ValueError):
     """A schedule KFP would not take (or would misread)."""
 
 
+DESCRIPTORS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+# a Go duration, as `@every` takes it (time.ParseDuration): 168h, 1h30m, 90s, 1.5h
+GO_DURATION = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h)")
+
+
 def check_cron(expression: str) -> str:
-    """KFP's cron has six fields, seconds first; a 5-field (Unix) cron is refused, not guessed."""
+    """What KFP's scheduler (robfig/cron, seconds first) takes: six fields, a descriptor such as
+    ``@weekly``, or ``@every <Go duration>``. A 5-field (Unix) cron is refused, not guessed: KFP
+    would read its fields shifted by one (minutes as seconds)."""
+    expression = expression.strip()
+    if expression.startswith("@"):
+        head, _, rest = expression.partition(" ")
+        if head == "@every":
+            duration = rest.strip()
+            if duration and GO_DURATION.sub("", duration) == "":
+                return expression
+            raise ScheduleError(f"{expression!r}: @every takes a Go duration such as 168h or 1h30m")
+        if head in DESCRIPTORS and not rest:
+            return expression
+        raise ScheduleError(
+            f"{expression!r}: descriptors are {', '.join(DESCRIPTORS)} and '@every <duration>'"
+        )
     fields = expression.split()
     if len(fields) == 5:
         raise ScheduleError(
@@ -98,12 +119,12 @@ def recurring_runs(client, experiment_id: str) -> list:
 
 
 def schedule(client, spec: Path, version_name: str, cron: str, params: dict, namespace: str) -> str:
-    """Create or replace (never duplicate) the weekly retraining run; returns its id."""
+    """Create the retraining run, then remove the ones it replaces (never duplicate, and a
+    failed create leaves the old schedule running); returns the new run's id."""
     check_cron(cron)
     pipeline_id, version_id = upload_version(client, spec, version_name)
     experiment = client.create_experiment(EXPERIMENT, namespace=namespace)
-    for old in recurring_runs(client, experiment.experiment_id):
-        client.delete_recurring_run(old.recurring_run_id)
+    old = recurring_runs(client, experiment.experiment_id)
     job = client.create_recurring_run(
         experiment_id=experiment.experiment_id,
         job_name=RECURRING_RUN,
@@ -116,11 +137,28 @@ def schedule(client, spec: Path, version_name: str, cron: str, params: dict, nam
         enabled=True,
         service_account=PIPELINE_SERVICE_ACCOUNT,
     )
+    for run in old:
+        if run.recurring_run_id != job.recurring_run_id:
+            client.delete_recurring_run(run.recurring_run_id)
     return job.recurring_run_id
 
 
+def existing_experiment(client, namespace: str):
+    """The ``cellseg`` experiment, or None: looked up, never created."""
+    try:
+        return client.get_experiment(experiment_name=EXPERIMENT, namespace=namespace)
+    except ValueError as err:  # kfp.Client's answer when no experiment has the name
+        if "No experiment is found" in str(err):
+            return None
+        raise
+
+
 def unschedule(client, namespace: str) -> int:
-    experiment = client.create_experiment(EXPERIMENT, namespace=namespace)
+    """Remove the retraining runs; with no experiment (nothing was ever scheduled) nothing is
+    created or touched."""
+    experiment = existing_experiment(client, namespace)
+    if experiment is None:
+        return 0
     runs = recurring_runs(client, experiment.experiment_id)
     for run in runs:
         client.delete_recurring_run(run.recurring_run_id)
@@ -136,7 +174,9 @@ def make_client(host: str, namespace: str, token: str | None):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Submit or schedule the pipeline on KFP_HOST")
     parser.add_argument("action", choices=("run", "schedule", "unschedule"))
-    parser.add_argument("--cron", default="", help='6 fields, seconds first: "0 0 3 * * 1"')
+    parser.add_argument(
+        "--cron", default="", help='6 fields, seconds first ("0 0 3 * * 1"), @weekly, @every 168h'
+    )
     parser.add_argument("--profile", default="uni-gpu")
     args = parser.parse_args(argv)
     try:

@@ -1,5 +1,15 @@
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import (
+    HTML,
+    Artifact,
+    ClassificationMetrics,
+    Dataset,
+    Input,
+    Markdown,
+    Metrics,
+    Model,
+    Output,
+)
 
 from components import IMAGE
 
@@ -12,12 +22,16 @@ def evaluate(
     run_tags: dict,
     mlflow_uri: str,
     metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
     report: Output[Markdown],
+    report_html: Output[HTML],
     report_files: Output[Artifact],
 ):
-    """Test-split metrics, report, figures and overlays (cellseg evaluate)."""
+    """Test-split metrics, confusion matrix, report (Markdown, and HTML with the best and worst
+    overlays embedded), figures and overlays (cellseg evaluate)."""
     from pathlib import Path
 
+    from cellseg.evaluation.report import square_confusion
     from cellseg.ops.steps import evaluate_step, flat_metrics
 
     result = evaluate_step(
@@ -30,4 +44,7 @@ def evaluate(
     )
     for name, value in flat_metrics(result).items():
         metrics.log_metric(name, value)
-    Path(report.path).write_text((Path(report_files.path) / "report.md").read_text())
+    confusion.log_confusion_matrix(*square_confusion(result))
+    files = Path(report_files.path)
+    Path(report.path).write_text((files / "report.md").read_text())
+    Path(report_html.path).write_text((files / "report.html").read_text())

@@ -11,10 +11,13 @@ def promote(
     inference_service: str = "",
     canary_traffic_percent: int = 0,
 ) -> str:
-    """Move the ``champion`` alias to the version the register step created and, with
-    ``inference_service``, roll that KServe InferenceService to it; returns its storageUri."""
+    """Move ``champion`` to the registered version if it still points to the version the gate
+    compared against and, with ``inference_service``, roll that KServe InferenceService to it;
+    returns its storageUri ("" when none, or when ``champion`` moved during the run)."""
     from cellseg.ops.steps import promote_step
 
+    meta = registered.metadata
     return promote_step(
-        registered.metadata["version"], mlflow_uri, inference_service, canary_traffic_percent
-    )
+        meta["version"], meta["champion_version"], mlflow_uri, meta.get("forced", False),
+        inference_service, canary_traffic_percent,
+    )  # fmt: skip

@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Model, Output
 
 from components import IMAGE
 
@@ -8,6 +8,7 @@ from components import IMAGE
 def register(
     model: Input[Model],
     report_files: Input[Artifact],
+    baseline: Input[Artifact],
     dataset: Input[Dataset],
     pipeline_run_id: str,
     run_tags: dict,
@@ -15,10 +16,13 @@ def register(
     tolerance: float,
     force: bool,
     registered: Output[Model],
+    decision: Output[Markdown],
 ) -> bool:
-    """Register the model in MLflow as ``challenger``; returns whether it should be champion."""
+    """Register the model in MLflow as ``challenger``; returns whether it should be champion
+    (the gate against the champion as scored in this run); the decision as Markdown."""
     from pathlib import Path
 
+    from cellseg.ops.gate_report import decision_markdown
     from cellseg.ops.steps import register_step
 
     result = register_step(
@@ -30,6 +34,9 @@ def register(
         mlflow_uri,
         tolerance,
         force,
+        Path(baseline.path),
+        dataset.metadata.get("data_md5", ""),
     )
     registered.metadata.update(result)
+    Path(decision.path).write_text(decision_markdown(result))
     return result["promote"]

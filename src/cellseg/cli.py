@@ -78,15 +78,21 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_register(args: argparse.Namespace) -> None:
     import json
+    import tempfile
+    from pathlib import Path
 
     from cellseg.ops.registry import promote
-    from cellseg.ops.steps import register_step
+    from cellseg.ops.steps import register_step, score_champion_step
 
-    result = register_step(
-        args.model, args.metrics, args.data, args.pipeline_run, {}, None, args.tolerance, args.force
-    )
+    with tempfile.TemporaryDirectory() as champion:  # the champion on the same test split
+        score_champion_step(args.data, Path(champion), args.pipeline_run, {}, None)
+        result = register_step(
+            args.model, args.metrics, args.data, args.pipeline_run, {}, None, args.tolerance,
+            args.force, Path(champion),
+        )  # fmt: skip
     if result["promote"]:
-        promote(result["version"])
+        moved = promote(result["version"], result["champion_version"], force=result["forced"])
+        result |= {"promote": moved.promote, "reasons": result["reasons"] + moved.reasons}
     print(json.dumps(result))
 
 

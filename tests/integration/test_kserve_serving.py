@@ -34,12 +34,13 @@ def bccd_jpeg(bccd_source) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def champion_name(mlflow_server, checkpoint):
+def champion_name(sqlite_mlflow_server, checkpoint):
+    mlflow_server = sqlite_mlflow_server  # serving is the subject, not the store
     mlflow.set_tracking_uri(mlflow_server)
     name = f"cellseg-{uuid.uuid4().hex[:8]}"
     version, _ = register(new_run(), checkpoint, fake_metrics(0.5), np.zeros((32, 32, 3), np.uint8),
                           name)  # fmt: skip
-    promote(version, name)
+    promote(version, "", name)
     return name
 
 

@@ -1,10 +1,12 @@
-"""Registry and tracking against a real `mlflow server`: register, aliases, pyfunc, gate."""
+"""Registry and tracking against a real `mlflow server` (on SQLite and on PostgreSQL):
+register, aliases, pyfunc, the gate on fresh scores, promotions that overlap."""
 
 import base64
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -16,8 +18,18 @@ import pytest
 from PIL import Image
 
 from cellseg.classes import CLASS_NAMES
+from cellseg.evaluation.evaluate import evaluate
+from cellseg.evaluation.inference import Predictor
+from cellseg.ops.baseline import Baseline, score_champion
 from cellseg.ops.model_ref import resolve_checkpoint
-from cellseg.ops.registry import CHALLENGER, CHAMPION, promote, register
+from cellseg.ops.registry import (
+    CHALLENGER,
+    CHAMPION,
+    CHAMPION_MOVED,
+    LOCK_SUFFIX,
+    promote,
+    register,
+)
 from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -56,8 +68,9 @@ def model_name():
 
 
 def test_register_alias_load_by_alias_and_predict_on_a_bccd_image(
-    mlflow_uri, checkpoint, bccd_source, model_name
+    sqlite_mlflow_uri, checkpoint, bccd_source, model_name
 ):
+    mlflow_uri = sqlite_mlflow_uri  # the pyfunc and its serving: the store is not the subject
     image = np.asarray(
         Image.open(bccd_source / "JPEGImages" / "BloodImage_00000.jpg").convert("RGB")
     )
@@ -65,7 +78,7 @@ def test_register_alias_load_by_alias_and_predict_on_a_bccd_image(
         new_run(), checkpoint, fake_metrics(0.5), image[:64, :64], model_name
     )
     assert decision.promote and decision.reasons == ["first model: no champion yet"]
-    promote(version, model_name)
+    promote(version, "", model_name)
     client = mlflow.MlflowClient()
     assert client.get_model_version_by_alias(model_name, CHAMPION).version == version
     assert client.get_model_version_by_alias(model_name, CHALLENGER).version == version
@@ -123,35 +136,167 @@ def test_register_alias_load_by_alias_and_predict_on_a_bccd_image(
         assert [r["area"] for r in encoded if r["image"] == i] == list(cells["area"])
 
 
+def champion_now(name: str) -> str:
+    return mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION).version
+
+
 def test_promotion_gate_both_ways_and_forced(mlflow_uri, checkpoint, model_name):
     client = mlflow.MlflowClient()
     example = np.zeros((32, 32, 3), np.uint8)
+    scores: dict[str, dict] = {}  # version -> its fresh metrics on "this run's" split
 
     def reg(metrics, force=False):
+        champion = champion_now(model_name) if scores else ""
+        baseline = Baseline(champion, scores.get(champion))
         version, decision = register(
-            new_run(), checkpoint, metrics, example, model_name, tolerance=0.05, force=force
-        )
+            new_run(), checkpoint, metrics, example, model_name, tolerance=0.05, force=force,
+            baseline=baseline,
+        )  # fmt: skip
+        scores[version] = metrics
         if decision.promote:
-            promote(version, model_name)
+            assert promote(version, champion, model_name, force=force).promote
         return version, decision
 
     v1, d1 = reg(fake_metrics(0.40))
     assert d1.promote  # the first model
     v2, d2 = reg(fake_metrics(0.45))  # better everywhere: promoted
-    assert d2.promote and client.get_model_version_by_alias(model_name, CHAMPION).version == v2
+    assert d2.promote and champion_now(model_name) == v2
     v3, d3 = reg(fake_metrics(0.44))  # worse: stays challenger
     assert not d3.promote and "does not beat" in d3.reasons[0]
-    assert client.get_model_version_by_alias(model_name, CHAMPION).version == v2
+    assert champion_now(model_name) == v2
     assert client.get_model_version_by_alias(model_name, CHALLENGER).version == v3
     tags = client.get_model_version(model_name, v3).tags
     assert (
         tags["promotion.decision"] == "keep" and json.loads(tags["promotion.reasons"]) == d3.reasons
+    )
+    assert tags["gate.champion_version"] == v2 and tags["gate.challenger_version"] == v3
+    assert (
+        tags["gate.champion_test_pq"] == "0.450000"
+        and tags["gate.challenger_test_pq"] == "0.440000"
     )
     # better overall but platelets collapse beyond the tolerance: kept
     v4, d4 = reg(fake_metrics(0.50, {"RBC": 0.60, "WBC": 0.50, "Platelets": 0.30}))
     assert not d4.promote and any("Platelets PQ drops by 0.1500" in r for r in d4.reasons)
     v5, d5 = reg(fake_metrics(0.10), force=True)
     assert d5.forced and client.get_model_version(model_name, v5).tags["promotion.forced"] == "true"
-    assert client.get_model_version_by_alias(model_name, CHAMPION).version == v5
+    assert champion_now(model_name) == v5
     versions = {v.version for v in client.search_model_versions(f"name='{model_name}'")}
     assert versions == {v1, v2, v3, v4, v5}  # never deleted
+
+
+def test_the_gate_decides_on_the_champions_fresh_score_not_its_stored_tag(
+    mlflow_uri, checkpoint, dataset, model_name, tmp_path
+):
+    example = np.zeros((32, 32, 3), np.uint8)
+    # v1 was registered on an older data revision, where its test PQ was 0.99
+    v1, _ = register(new_run(), checkpoint, fake_metrics(0.99), example, model_name)
+    promote(v1, "", model_name)
+
+    # this run re-scores it on its own test split, with the checkpoint's saved post-processing
+    baseline = score_champion(dataset, tmp_path / "champion", model_name)
+    assert baseline.version == v1 and not baseline.error
+    direct = evaluate(dataset, Predictor.from_checkpoint(checkpoint), tmp_path / "direct")
+    assert baseline.metrics["pq"] == pytest.approx(direct["pq"])
+    assert baseline.metrics["pq"] < 0.99
+
+    # a challenger below the stored 0.99 but above the fresh score: the fresh score decides
+    fresh = baseline.metrics["pq"]
+    challenger = fake_metrics(
+        fresh + 0.01, {c: baseline.metrics["per_class"][c]["pq"] for c in CLASS_NAMES}
+    )
+    challenger["pq"] = fresh + 0.01
+    v2, decision = register(
+        new_run(),
+        checkpoint,
+        challenger,
+        example,
+        model_name,
+        baseline=baseline,
+        data_md5="abc.dir",
+    )
+    assert decision.promote, decision.reasons
+    assert f"beats the champion's {fresh:.4f}" in decision.reasons[0]
+    tags = mlflow.MlflowClient().get_model_version(model_name, v2).tags
+    assert float(tags["gate.champion_test_pq"]) == pytest.approx(fresh, abs=1e-6)
+    assert tags["gate.champion_version"] == v1 and tags["gate.challenger_version"] == v2
+    assert tags["gate.data_md5"] == "abc.dir"
+
+
+def test_an_unloadable_champion_is_named_in_one_line_and_only_force_promotes(
+    mlflow_uri, checkpoint, dataset, model_name, tmp_path
+):
+    client = mlflow.MlflowClient()
+    client.create_registered_model(model_name)
+    run = new_run()  # a version whose artifacts are gone (the run never had them)
+    gone = client.create_model_version(model_name, f"runs:/{run}/model", run_id=run)
+    client.set_registered_model_alias(model_name, CHAMPION, gone.version)
+
+    baseline = score_champion(dataset, tmp_path / "champion", model_name)
+    assert baseline.version == gone.version and baseline.metrics is None
+    assert baseline.error and "\n" not in baseline.error
+    example = np.zeros((32, 32, 3), np.uint8)
+    _, decision = register(
+        new_run(), checkpoint, fake_metrics(0.5), example, model_name, baseline=baseline
+    )
+    assert not decision.promote and len(decision.reasons) == 1
+    assert f"champion v{gone.version} could not be loaded" in decision.reasons[0]
+    assert "only force_promote promotes" in decision.reasons[0]
+    forced, decision = register(
+        new_run(), checkpoint, fake_metrics(0.5), example, model_name, baseline=baseline,
+        force=True,
+    )  # fmt: skip
+    assert decision.promote and decision.forced
+    assert promote(forced, baseline.version, model_name, force=True).promote
+    assert champion_now(model_name) == forced
+
+
+def test_two_overlapping_promotions_cannot_both_win(mlflow_uri, checkpoint, model_name):
+    """Two runs compared against v1 and both passed their gate; they promote at the same moment:
+    exactly one moves ``champion``, the other stays challenger with the reason. Before the lock,
+    both moved it and the later one overwrote the other."""
+    example = np.zeros((32, 32, 3), np.uint8)
+    v1, _ = register(new_run(), checkpoint, fake_metrics(0.40), example, model_name)
+    promote(v1, "", model_name)
+    old = Baseline(v1, fake_metrics(0.40))
+    a, da = register(new_run(), checkpoint, fake_metrics(0.50), example, model_name, baseline=old)
+    b, db = register(new_run(), checkpoint, fake_metrics(0.60), example, model_name, baseline=old)
+    assert da.promote and db.promote  # each beats v1
+
+    start, results = threading.Barrier(2), {}
+
+    def run(version):
+        start.wait()
+        results[version] = promote(version, v1, model_name)
+
+    threads = [threading.Thread(target=run, args=(v,)) for v in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    moved = [v for v, d in results.items() if d.promote]
+    kept = [v for v, d in results.items() if not d.promote]
+    assert len(moved) == 1 and len(kept) == 1, results
+    assert champion_now(model_name) == moved[0]
+    assert results[kept[0]].reasons[0].startswith(CHAMPION_MOVED)
+    tags = mlflow.MlflowClient().get_model_version(model_name, kept[0]).tags
+    assert tags["promotion.decision"] == "keep"
+    assert json.loads(tags["promotion.reasons"])[0].startswith(CHAMPION_MOVED)
+
+    # a third run, also compared against v1, finishes later: it does not overwrite either
+    c, dc = register(new_run(), checkpoint, fake_metrics(0.70), example, model_name, baseline=old)
+    assert dc.promote and not promote(c, v1, model_name).promote
+    assert champion_now(model_name) == moved[0]
+    # the lock is released every time
+    lock = f"{model_name}{LOCK_SUFFIX}"
+    assert not mlflow.MlflowClient().search_registered_models(f"name = '{lock}'")
+
+
+def test_a_lock_left_by_a_crashed_step_is_taken_over(mlflow_uri, checkpoint, model_name):
+    client = mlflow.MlflowClient()
+    example = np.zeros((32, 32, 3), np.uint8)
+    client.create_registered_model(
+        f"{model_name}{LOCK_SUFFIX}", tags={"holder": "crashed", "since": "0"}
+    )
+    v1, _ = register(new_run(), checkpoint, fake_metrics(0.40), example, model_name)
+    assert promote(v1, "", model_name).promote
+    assert champion_now(model_name) == v1

@@ -13,7 +13,10 @@ from tests.conftest import TINY, synthetic_samples, write_voc
 pytestmark = pytest.mark.integration
 
 
-def test_pipeline_produces_a_registered_model_a_report_and_a_comparison(mlflow_uri, tmp_path):
+def test_pipeline_produces_a_registered_model_a_report_and_a_comparison(
+    sqlite_mlflow_uri, tmp_path
+):
+    mlflow_uri = sqlite_mlflow_uri  # the pipeline is the subject, not the store
     samples = synthetic_samples(8)
     stems = sorted(samples)
     voc = write_voc(

@@ -171,7 +171,9 @@ def test_every_pod_template_stays_out_of_the_mesh_with_a_seccomp_profile(objects
     from tests.pods import mesh_and_seccomp_problems, pod_templates
 
     described = [o for o in objects if list(pod_templates(o))]
-    assert {o["kind"] for o in described} == {"Deployment", "TrainingRuntime"}
+    kinds = {o["kind"] for o in described}
+    assert {"Deployment", "TrainingRuntime"} <= kinds <= {"Deployment", "TrainingRuntime",
+                                                          "StatefulSet"}  # fmt: skip
     assert [p for o in described for p in mesh_and_seccomp_problems(o)] == []
 
 
@@ -279,3 +281,40 @@ def test_secret_templates_hold_placeholders_only():
         kubernetes_validate.validate(secret, K8S_VERSION, strict=True)
         assert secret["kind"] == "Secret"
         assert all(str(v).startswith("REPLACE_WITH_") for v in secret["stringData"].values()), path
+
+
+def secret_refs(pod: dict) -> set[str]:
+    names = set()
+    for c in pod["containers"] + pod.get("initContainers", []):
+        names |= {e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e}
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                names.add(ref["name"])
+    return names
+
+
+def test_the_team_mlflow_uses_postgres_s3_and_basic_auth_with_secrets_from_the_templates():
+    objects = render("mlflow-team")
+    by_kind = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    mlflow = by_kind[("Deployment", "mlflow")]["spec"]["template"]["spec"]
+    args = mlflow["containers"][0]["args"]
+    assert "--app-name=basic-auth" in args
+    assert "--backend-store-uri=postgresql+psycopg2://mlflow@mlflow-postgres:5432/mlflow" in args
+    assert any(a.startswith("--artifacts-destination=s3://") for a in args)
+    assert not [a for a in args if "sqlite" in a or "password" in a.lower()]
+    assert ("StatefulSet", "mlflow-postgres") in by_kind and (
+        "Service",
+        "mlflow-postgres",
+    ) in by_kind
+    assert ("PersistentVolumeClaim", "mlflow-store") not in by_kind  # no SQLite volume left
+    templates = {
+        yaml.safe_load(p.read_text())["metadata"]["name"]
+        for p in (REPO / "manifests" / "secrets").glob("*.template.yaml")
+    }
+    postgres = by_kind[("StatefulSet", "mlflow-postgres")]["spec"]["template"]["spec"]
+    used = secret_refs(mlflow) | secret_refs(postgres)
+    assert used == {"cellseg-s3", "mlflow-postgres", "mlflow-admin"} and used <= templates
+    assert cluster.MLFLOW_AUTH_SECRET in templates  # what the pipeline's steps read
+    ini = by_kind[("ConfigMap", next(n for k, n in by_kind if n.startswith("mlflow-auth-config")))]
+    assert "database_uri = postgresql+psycopg2://" in ini["data"]["basic_auth.ini"]

@@ -37,7 +37,8 @@ def executors(committed):
     return pipeline["deploymentSpec"]["executors"], k8s
 
 
-GPU_EXECUTORS = {"exec-evaluate"}  # training GPUs belong to the PyTorchJobs, not to KFP pods
+# training GPUs belong to the PyTorchJobs, not to KFP pods; both inference steps get one
+GPU_EXECUTORS = {"exec-evaluate", "exec-score-champion"}
 TRAINING_TASKS = {"train": 1, "train-2": 2}  # DAG task -> phase
 
 
@@ -131,6 +132,29 @@ def test_every_pipeline_parameter_is_documented_in_the_readme(committed):
         assert f"`{name}`" in readme, name
 
 
+def output_types(committed, component: str) -> dict[str, str]:
+    outputs = committed[0]["components"][component]["outputDefinitions"]["artifacts"]
+    return {name: out["artifactType"]["schemaTitle"] for name, out in outputs.items()}
+
+
+def test_the_run_page_gets_a_confusion_matrix_an_html_report_and_the_gate_decision(committed):
+    evaluate = output_types(committed, "comp-evaluate")
+    assert evaluate["confusion"] == "system.ClassificationMetrics"
+    assert evaluate["report_html"] == "system.HTML"
+    assert evaluate["metrics"] == "system.Metrics" and evaluate["report"] == "system.Markdown"
+    assert output_types(committed, "comp-register")["decision"] == "system.Markdown"
+
+
+def test_the_gate_gets_the_champion_scored_on_this_runs_split(committed):
+    tasks = committed[0]["root"]["dag"]["tasks"]
+    champion = tasks["score-champion"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"]
+    assert champion == {"outputArtifactKey": "dataset", "producerTask": "convert"}
+    baseline = tasks["register"]["inputs"]["artifacts"]["baseline"]["taskOutputArtifact"]
+    assert baseline == {"outputArtifactKey": "baseline", "producerTask": "score-champion"}
+    evaluated = tasks["register"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"]
+    assert evaluated == champion  # the same converted split as the challenger's evaluation
+
+
 def test_training_steps_retry_and_pass_their_pod_and_sizes(committed):
     pipeline, _ = committed
     _, k8s = executors(committed)
@@ -165,5 +189,5 @@ def test_the_steps_that_call_mlflow_read_its_optional_login(committed):
         for secret in config.get("secretAsEnv", [])
         if secret["secretName"] == "cellseg-mlflow-auth" and secret["optional"]
     }
-    assert with_login == {"exec-train", "exec-train-2", "exec-evaluate", "exec-register",
-                          "exec-promote"}  # fmt: skip
+    assert with_login == {"exec-train", "exec-train-2", "exec-evaluate", "exec-score-champion",
+                          "exec-register", "exec-promote"}  # fmt: skip

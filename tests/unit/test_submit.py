@@ -27,6 +27,7 @@ def kfp_client(pipeline_id=None, recurring=()):
     client.run_pipeline.return_value = SimpleNamespace(run_id="r-1")
     client.list_recurring_runs.return_value = SimpleNamespace(recurring_runs=list(recurring))
     client.create_recurring_run.return_value = SimpleNamespace(recurring_run_id="j-2")
+    client.get_experiment.return_value = SimpleNamespace(experiment_id="e-1")
     return client
 
 
@@ -39,6 +40,21 @@ def test_a_five_field_cron_is_refused_with_the_fix():
     with pytest.raises(submit.ScheduleError, match=r"did you mean '0 0 3 \* \* 1'"):
         submit.check_cron("0 3 * * 1")
     assert submit.check_cron("0 0 3 * * 1") == "0 0 3 * * 1"
+
+
+@pytest.mark.parametrize(
+    "expression", ["@weekly", "@daily", "@hourly", "@every 168h", "@every 1h30m", "@every 90s"]
+)
+def test_the_descriptors_kfps_scheduler_takes_are_accepted(expression):
+    assert submit.check_cron(expression) == expression
+
+
+@pytest.mark.parametrize(
+    "expression", ["@fortnightly", "@every", "@every 7d", "@every h", "@weekly 3"]
+)
+def test_a_wrong_descriptor_is_refused(expression):
+    with pytest.raises(submit.ScheduleError):
+        submit.check_cron(expression)
 
 
 def test_make_schedule_refuses_a_five_field_cron(repo_root):
@@ -72,6 +88,9 @@ def test_schedule_replaces_the_existing_recurring_run_instead_of_duplicating(spe
     job = submit.schedule(client, spec, "sha-2", "0 0 3 * * 1", {"data_md5": ""}, "team")
     assert job == "j-2"
     client.delete_recurring_run.assert_called_once_with("j-1")  # not the other one
+    # the new run exists before the old one goes: a failed create leaves the old schedule
+    names = [c[0] for c in client.mock_calls]
+    assert names.index("create_recurring_run") < names.index("delete_recurring_run")
     created = client.create_recurring_run.call_args.kwargs
     assert created["cron_expression"] == "0 0 3 * * 1" and created["job_name"] == "cellseg-retrain"
     assert created["max_concurrency"] == 1 and created["no_catchup"] is True
@@ -80,16 +99,38 @@ def test_schedule_replaces_the_existing_recurring_run_instead_of_duplicating(spe
     client.upload_pipeline.assert_not_called()  # the pipeline exists: only a new version
 
 
+def test_a_failed_create_leaves_the_old_schedule_in_place(spec):
+    old = SimpleNamespace(display_name=submit.RECURRING_RUN, recurring_run_id="j-1")
+    client = kfp_client(pipeline_id="p-1", recurring=[old])
+    client.create_recurring_run.side_effect = RuntimeError("API server said 500")
+    with pytest.raises(RuntimeError):
+        submit.schedule(client, spec, "sha-2", "@weekly", {"data_md5": ""}, "team")
+    client.delete_recurring_run.assert_not_called()
+
+
 def test_unschedule_removes_only_the_retraining_run():
-    runs = [SimpleNamespace(display_name=submit.RECURRING_RUN, recurring_run_id="j-1")]
+    runs = [
+        SimpleNamespace(display_name=submit.RECURRING_RUN, recurring_run_id="j-1"),
+        SimpleNamespace(display_name="someone-else", recurring_run_id="x-9"),
+    ]
     client = kfp_client(recurring=runs)
     assert submit.unschedule(client, "team") == 1
     assert client.delete_recurring_run.call_args_list == [call("j-1")]
+    client.create_experiment.assert_not_called()
+
+
+def test_unschedule_with_nothing_scheduled_creates_and_deletes_nothing():
+    client = kfp_client()
+    client.get_experiment.side_effect = ValueError("No experiment is found with name cellseg.")
+    assert submit.unschedule(client, "team") == 0
+    client.get_experiment.assert_called_once_with(experiment_name="cellseg", namespace="team")
+    client.create_experiment.assert_not_called()
+    client.delete_recurring_run.assert_not_called()
 
 
 def test_the_image_reaches_every_step(spec):
     text = spec.read_text()
-    assert text.count("image: reg.example/cellseg:abc") == 7 and "cellseg-kfp:0.1.0" not in text
+    assert text.count("image: reg.example/cellseg:abc") == 8 and "cellseg-kfp:0.1.0" not in text
 
 
 def test_cluster_runs_carry_the_same_tags_as_local_runs():

@@ -9,6 +9,7 @@ from cellseg.ops import tracking
 from cellseg.ops.registry import CHAMPION, MODEL_NAME
 
 KEY_METRICS = ("test_pq", "test_f1", "test_box_map50", "test_mask_map50")
+DATA_MD5_TAG = "cellseg.data_md5"
 
 
 def pipeline_runs(client, experiment_id: str, n: int) -> list[dict]:
@@ -25,6 +26,10 @@ def pipeline_runs(client, experiment_id: str, n: int) -> list[dict]:
             [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
         )
         params, metrics = {}, {}
+        # a scheduled run (data_md5 "") learns its revision in the data-version step: the
+        # register step tags it on its own run
+        md5s = [parent.data.tags.get(DATA_MD5_TAG)]
+        md5s += [c.data.tags.get(DATA_MD5_TAG) for c in children]
         for child in children:
             step = child.data.tags.get(tracking.STEP_TAG, "")
             params.update({f"{step}.{k}": v for k, v in child.data.params.items()})
@@ -36,6 +41,7 @@ def pipeline_runs(client, experiment_id: str, n: int) -> list[dict]:
                 "start": parent.info.start_time,
                 "params": params,
                 "metrics": metrics,
+                "data_md5": next((m for m in md5s if m), ""),
                 "version": next(
                     (
                         c.data.tags["cellseg.model_version"]
@@ -68,9 +74,9 @@ def _fmt(v) -> str:
 
 def runs_table(rows: list[dict]) -> str:
     diff = differing_params(rows)
-    header = ["pipeline run", "version", *KEY_METRICS, *diff]
+    header = ["pipeline run", "data md5", "version", *KEY_METRICS, *diff]
     body = [
-        [r["run"], r["version"] or "-"]
+        [r["run"], r.get("data_md5") or "-", r["version"] or "-"]
         + [_fmt(r["metrics"].get(m)) for m in KEY_METRICS]
         + [r["params"].get(k, "-") for k in diff]
         for r in rows
@@ -111,11 +117,22 @@ def registry_table(client, name: str) -> str:
             v.version,
             ",".join(aliases.get(str(v.version), [])) or "-",
             v.tags.get("test_pq", "-"),
+            _versus(v.tags),
             v.tags.get("promotion.decision", "-"),
+            v.tags.get("gate.data_md5") or "-",
         ]
         for v in sorted(versions, key=lambda v: int(v.version), reverse=True)
     ]
-    return table(["version", "aliases", "test_pq", "decision"], body)
+    header = ["version", "aliases", "test_pq", "champion then (same split)", "decision", "data md5"]
+    return table(header, body)
+
+
+def _versus(tags: dict) -> str:
+    """The champion the gate compared with, and its PQ on the same split: ``v1 0.412000``."""
+    version = tags.get("gate.champion_version")
+    if not version:
+        return "-"
+    return f"v{version} {tags.get('gate.champion_test_pq') or '-'}"
 
 
 def plot_history(rows: list[dict], path: Path, champion: str | None = None) -> int | None:

@@ -225,6 +225,27 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
     return flat
 
 
+def score_champion_step(
+    data: Path, out: Path, pipeline_run_id: str, tags: dict, mlflow_uri: str | None
+) -> dict:
+    """The current champion scored on this run's test split; ``baseline.json`` in ``out``."""
+    from cellseg.ops.baseline import score_champion
+    from cellseg.ops.registry import MODEL_NAME
+
+    with tracking.step_run("score-champion", pipeline_run_id, tags, mlflow_uri or None) as tracker:
+        baseline = score_champion(Path(data), Path(out) / "report", MODEL_NAME)
+        baseline.write(Path(out))
+        tracker.set_tags({"cellseg.champion_version": baseline.version or "none"})
+        if baseline.metrics:
+            tracker.log_metrics(
+                {f"champion_{k}": v for k, v in flat_metrics(baseline.metrics).items()}
+            )
+        elif baseline.error:
+            tracker.set_tags({"cellseg.champion_error": baseline.error})
+    print(baseline.describe())
+    return {"version": baseline.version, "error": baseline.error}
+
+
 def register_step(
     model: Path,
     metrics_path: Path,
@@ -234,13 +255,18 @@ def register_step(
     mlflow_uri: str | None,
     tolerance: float,
     force: bool,
+    baseline_dir: Path | None = None,
+    data_md5: str = "",
 ) -> dict:
-    """Register the model as ``challenger`` and return the promotion decision."""
+    """Register the model as ``challenger`` and return the promotion decision, taken against
+    the champion as scored on this run's split (``baseline_dir``, from the score-champion step)."""
     from cellseg.data.arrays import load_sample
     from cellseg.data.manifest import split_files
+    from cellseg.ops.baseline import Baseline
     from cellseg.ops.registry import register
 
     metrics = json.loads(Path(metrics_path).read_text())
+    baseline = Baseline.read(baseline_dir) if baseline_dir else Baseline()
     example = load_sample(Path(data), split_files(Path(data), "test", 1)[0])["image"]
     with tracking.step_run("register", pipeline_run_id, tags, mlflow_uri or None) as tracker:
         version, decision = register(
@@ -250,23 +276,48 @@ def register_step(
             example,
             tolerance=tolerance,
             force=force,
+            baseline=baseline,
+            data_md5=data_md5,
         )
-        tracker.set_tags({"cellseg.model_version": version, "cellseg.promote": decision.promote})
+        tracker.set_tags(
+            {
+                "cellseg.model_version": version,
+                "cellseg.promote": decision.promote,
+                "cellseg.data_md5": data_md5 or tags.get("cellseg.data_md5", ""),
+            }
+        )
     tracking.finish_parent(pipeline_run_id, mlflow_uri or None)
-    return {"version": version, "promote": decision.promote, "reasons": decision.reasons}
+    return {
+        "version": version,
+        "promote": decision.promote,
+        "forced": decision.forced,
+        "reasons": decision.reasons,
+        "data_md5": data_md5,
+        "test_pq": metrics["pq"],
+        "champion_version": baseline.version,
+        "champion_test_pq": baseline.metrics["pq"] if baseline.metrics else None,
+        "champion_error": baseline.error,
+    }
 
 
 def promote_step(
-    version: str, mlflow_uri: str | None, inference_service: str = "", canary_percent: int = 0
+    version: str,
+    compared_with: str,
+    mlflow_uri: str | None,
+    force: bool = False,
+    inference_service: str = "",
+    canary_percent: int = 0,
 ) -> str:
-    """Move ``champion`` to ``version``; with ``inference_service``, roll that KServe
+    """Move ``champion`` to ``version`` unless it moved away from ``compared_with`` (the version
+    the gate compared against) meanwhile; then, with ``inference_service``, roll that KServe
     InferenceService (in this pod's namespace) to it, all traffic or a ``canary_percent``
-    share. Returns the storageUri rolled to ("" when no service is named)."""
+    share. Returns the storageUri rolled to ("" when no service is named or nothing moved)."""
     from cellseg.ops.registry import MODEL_NAME, promote
 
     tracking.configure(mlflow_uri or None)
-    promote(version)
-    if not inference_service:
+    decision = promote(version, compared_with, force=force)
+    print("; ".join(decision.reasons))
+    if not inference_service or not decision.promote:
         return ""
     from cellseg.serving.rollout import champion_storage_uri, roll_inference_service
 

@@ -1,0 +1,61 @@
+"""The mlflow-team overlay's server app, for real: `mlflow server --app-name basic-auth` with the
+overlay's basic_auth.ini (its database moved to SQLite here): moving `champion` needs a
+credential, and the one the pipeline reads from its Secret (MLFLOW_TRACKING_USERNAME/PASSWORD)
+is enough."""
+
+import configparser
+
+import mlflow
+import pytest
+from mlflow.exceptions import MlflowException
+
+from tests.cluster.conftest import REPO
+from tests.integration.conftest import start_mlflow_server, stop
+
+pytestmark = pytest.mark.integration
+OVERLAY_INI = REPO / "manifests" / "overlays" / "mlflow-team" / "basic_auth.ini"
+
+
+@pytest.fixture
+def auth_server(tmp_path):
+    pytest.importorskip("flask_wtf", reason="the test extra's flask-wtf (basic-auth's CSRF)")
+    config = configparser.ConfigParser()
+    config.read(OVERLAY_INI)
+    config["mlflow"]["database_uri"] = f"sqlite:///{tmp_path / 'auth.db'}"
+    ini = tmp_path / "basic_auth.ini"
+    with ini.open("w") as f:
+        config.write(f)
+    env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "s3cret-for-the-test",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-key",
+    }
+    proc, uri = start_mlflow_server(
+        tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", "--app-name", "basic-auth", env=env
+    )
+    yield uri
+    stop(proc)
+
+
+def test_moving_champion_needs_the_credential_the_pipeline_reads(auth_server, monkeypatch):
+    mlflow.set_tracking_uri(auth_server)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-for-the-test")
+    client = mlflow.MlflowClient(auth_server)
+    client.create_registered_model("cellseg")
+    run = client.create_run(client.create_experiment("auth-test")).info.run_id
+    version = client.create_model_version("cellseg", f"runs:/{run}/model", run_id=run).version
+    client.set_registered_model_alias("cellseg", "champion", version)  # with the credential
+
+    for user, password in ((None, None), ("admin", "wrong")):
+        if user is None:
+            monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+            monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        else:
+            monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        with pytest.raises(MlflowException, match=r"401|[Uu]nauthori[sz]ed|credentials"):
+            mlflow.MlflowClient(auth_server).set_registered_model_alias("cellseg", "champion", "1")
+        with pytest.raises(MlflowException, match=r"401|[Uu]nauthori[sz]ed|credentials"):
+            mlflow.MlflowClient(auth_server).get_registered_model("cellseg")

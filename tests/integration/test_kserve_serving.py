@@ -178,7 +178,7 @@ def test_the_champions_storage_uri_is_its_model_folder_on_the_mlflow_volume(
 ):
     uri = champion_storage_uri(champion_name)  # what the promote step patches in
     assert uri.startswith(f"{PROXIED_ARTIFACTS}/"), uri
-    # the test server's --artifacts-destination stands for the mlflow-store volume's artifacts/
-    (artifacts,) = tmp_path_factory.getbasetemp().glob("mlflow[0-9]*/artifacts")
+    # sqlite_mlflow_server's --artifacts-destination stands for the mlflow-store volume's artifacts/
+    (artifacts,) = tmp_path_factory.getbasetemp().glob("mlflow-sqlite-only[0-9]*/artifacts")
     folder = artifacts / uri.removeprefix(f"{PROXIED_ARTIFACTS}/")
     assert (folder / "MLmodel").is_file() and (folder / "serving_model.py").is_file()

@@ -39,13 +39,14 @@ convert: data ## Convert data/BCCD into the instance-segmentation dataset under 
 compile: setup ## Compile the pipeline to pipelines/cellseg_pipeline.yaml (IMAGE=... for a cluster)
 	$(BIN)/python -m pipelines.compile $(if $(IMAGE),--image $(IMAGE))
 
-pipeline-run: setup ## The whole pipeline: locally (kfp.local, CPU; RUNNER=container: in the image) or, with KFP_HOST, on the cluster
+pipeline-run: setup ## The whole pipeline: locally (kfp.local, CPU; RUNNER=container: in the image; PORTABLE=1: AVX2 kernels) or, with KFP_HOST, on the cluster
 ifdef KFP_HOST
 	IMAGE="$${IMAGE:-$(IMAGE_REF)}" $(BIN)/python -m pipelines.submit run
 else
 	$(MAKE) --no-print-directory data
 	$(BIN)/python -m pipelines.run_local --source data/BCCD --pipeline-root $(OUT)/kfp \
-		$(if $(filter container,$(RUNNER)),--runner container --image $(IMAGE_REF))
+		$(if $(filter container,$(RUNNER)),--runner container --image $(IMAGE_REF)) \
+		$(if $(PORTABLE),--portable-kernels)
 endif
 
 schedule: setup ## Weekly retraining on KFP_HOST: CRON="0 0 3 * * 1" (6 fields, seconds first), @weekly, "@every 168h"
@@ -89,7 +90,7 @@ bench: data ## Print the benchmarks (conversion rate, ..., serving over HTTP; SE
 
 quality: data ## Train PROFILE (default local) from scratch: val/test box AP@0.5 per class, minutes (SET="k=v ...")
 	$(BIN)/python -m cellseg.quality --source data/BCCD --profile $(or $(PROFILE),local) \
-		$(foreach kv,$(SET),--set $(kv))
+		$(foreach kv,$(SET),--set $(kv)) $(if $(PORTABLE),--portable-kernels)
 
 bench-gpu: data ## The whole GPU check on a CUDA machine, JSON in out/gpu-check/ (QUICK=1: CPU dry run)
 	$(BIN)/python -m cellseg.gpu_check --source data/BCCD --out $(OUT)/gpu-check $(if $(QUICK),--quick)

@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from cellseg.threads import portable_cpu_kernels
 from cellseg.cluster.local_containers import docker_api
 from cellseg.ops.gate_report import side_by_side, verdict
 from cellseg.ops.steps import data_version_step
@@ -167,7 +168,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force-promote", action="store_true")
     parser.add_argument("--runner", choices=("subprocess", "container"), default="subprocess")
     parser.add_argument("--image", default="", help="the project image (--runner container)")
+    parser.add_argument(
+        "--portable-kernels",
+        action="store_true",
+        help="AVX2 CPU kernels in every step: the same figures on any x86-64 (README: Reproducibility)",
+    )
     args = parser.parse_args(argv)
+    if args.portable_kernels:
+        portable_cpu_kernels()  # the steps' subprocesses inherit it
     if args.runner == "container" and not args.image:
         parser.error("--runner container needs --image (make images builds one)")
     uri = default_tracking_uri()

@@ -72,7 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="local")
     parser.add_argument("--name", default="")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--portable-kernels", action="store_true", help="AVX2 CPU kernels (README: Reproducibility)"
+    )
     args = parser.parse_args(argv)
+    if args.portable_kernels:
+        from cellseg.threads import portable_cpu_kernels
+
+        portable_cpu_kernels()  # before torch computes anything
     name = args.name or (args.profile + "".join(f"+{o}" for o in args.set))
     minutes, scores = train_and_evaluate(args.source, args.out, args.profile, args.set, name)
     row = summary_row(name, args.set, minutes, scores)

@@ -14,6 +14,13 @@ import os
 from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup")
+# Read by each library when it first computes, so they must be set before torch runs anything;
+# a step subprocess inherits them.
+PORTABLE_CPU_KERNELS = {
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2",
+}
 
 
 def cgroup_cpu_quota(root: Path = CGROUP) -> float | None:
@@ -52,3 +59,16 @@ def match_torch_threads(root: Path = CGROUP) -> int:
     threads = max(1, cpu_budget(root) // max(sharing, 1))
     torch.set_num_threads(threads)
     return threads
+
+
+def portable_cpu_kernels(environ: dict | None = None) -> dict[str, str]:
+    """Pin oneDNN's, ATen's and MKL's CPU kernels to AVX2 in this process's environment (and so
+    in the processes it starts), unless already set; returns the settings in force.
+
+    Call it before torch computes anything. It costs speed on an AVX-512 machine (README,
+    Reproducibility), so it is asked for (``--portable-kernels``, ``PORTABLE=1``), never default.
+    """
+    environ = os.environ if environ is None else environ
+    for key, value in PORTABLE_CPU_KERNELS.items():
+        environ.setdefault(key, value)
+    return {key: environ[key] for key in PORTABLE_CPU_KERNELS}

@@ -92,3 +92,37 @@ def test_a_shared_decoder_is_one_path_split_into_the_branches_and_rebuilds_from_
     assert rebuilt.decoder.shared
     with torch.no_grad():
         assert all(torch.equal(v, rebuilt(x)[k]) for k, v in b.items())
+
+
+@pytest.mark.parametrize("image_skips", [False, True])
+def test_image_skips_carry_the_image_to_every_skip_scale(image_skips):
+    """With the ViT's features held fixed, the image reaches the skips at 1/2, 1/4 and 1/8 only
+    through the image skips' encoder (without it, they are upsampled ViT features alone)."""
+    from cellseg.model.decoder import HoverDecoder
+
+    torch.manual_seed(0)
+    decoder = HoverDecoder(32, 64, shared=True, image_skips=image_skips).eval()
+    features = [torch.randn(1, 32, 4, 4) for _ in range(4)]
+    with torch.no_grad():
+        a = decoder.skips(torch.rand(1, 3, 64, 64), features)
+        b = decoder.skips(torch.rand(1, 3, 64, 64), features)
+    assert [tuple(s.shape[-2:]) for s in a] == [(64, 64), (32, 32), (16, 16), (8, 8)]
+    assert not torch.equal(a[0], b[0])  # 1/1 always sees the image
+    assert [not torch.equal(x, y) for x, y in zip(a[1:], b[1:], strict=True)] == [image_skips] * 3
+
+
+def test_the_local_models_image_skips_rebuild_from_the_checkpoint(tmp_path):
+    from cellseg.model.checkpoint import CheckpointMeta, model_from_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_image_skips", weights=None, decoder_width=64).eval()
+    plain = create_model("vit_tiny_shared", weights=None, decoder_width=64)
+    extra = {k for k in model.state_dict()} - {k for k in plain.state_dict()}
+    assert extra and all(k.startswith("decoder.image_path.") for k in extra)
+    meta = CheckpointMeta(1, "vit_tiny_image_skips", 64, (64, 96), (64, 96), None, {})
+    save_checkpoint(tmp_path / "best_phase1.pt", model, meta, 1, 0.0)
+    rebuilt, _ = model_from_checkpoint(tmp_path / "best_phase1.pt")
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        expected, got = model(x), rebuilt(x)
+    assert all(torch.equal(v, got[k]) for k, v in expected.items())

@@ -37,3 +37,55 @@ def test_torch_threads_follow_the_quota_shared_by_the_nodes_processes(tmp_path, 
         assert match_torch_threads(tmp_path) == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_portable_kernels_are_set_unless_the_user_chose_already():
+    from cellseg.threads import PORTABLE_CPU_KERNELS, portable_cpu_kernels
+
+    env = {"MKL_CBWR": "COMPATIBLE"}
+    in_force = portable_cpu_kernels(env)
+    assert env["MKL_CBWR"] == "COMPATIBLE"  # the user's own choice stays
+    assert in_force == {**PORTABLE_CPU_KERNELS, "MKL_CBWR": "COMPATIBLE"} == env
+
+
+# A convolution, its weight gradient, a linear layer and a softmax: each library's kernels.
+PROBE = """
+import hashlib, sys, torch
+if sys.argv[1] == "pin":
+    from cellseg.threads import portable_cpu_kernels
+    portable_cpu_kernels()  # after `import torch`, before any computation: still in time
+torch.manual_seed(0); torch.set_num_threads(1)
+conv, lin = torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.Linear(64, 96)
+x, y = torch.randn(2, 16, 40, 40), torch.randn(2, 50, 64)
+conv(x).square().mean().backward()
+h = hashlib.sha256()
+for t in (conv(x), conv.weight.grad, lin(y), x.softmax(1)):
+    h.update(t.detach().numpy().tobytes())
+print(torch.backends.cpu.get_cpu_capability(), h.hexdigest())
+"""
+
+
+def probe(mode: str, **env: str) -> list[str]:
+    import subprocess
+    import sys
+
+    keep = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
+    keep.pop("ATEN_CPU_CAPABILITY", None)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], env={**keep, **env}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the kernels pinned are x86's")
+def test_portable_kernels_compute_as_avx2_does_whatever_the_cpu_has():
+    from cellseg.threads import PORTABLE_CPU_KERNELS
+
+    native_isa, native = probe("native")
+    pinned_isa, pinned = probe("pin")
+    assert pinned_isa == "AVX2"
+    # the same bits as a process started with the AVX2 settings, as on an AVX2-only machine
+    assert probe("native", **PORTABLE_CPU_KERNELS) == [pinned_isa, pinned]
+    if native_isa != "AVX2":  # an AVX-512 machine rounds differently unpinned: the cause
+        assert native != pinned

@@ -11,6 +11,13 @@ per-GPU batches a ViT-L at 480x640 allows.
 NC outputs (Cellpose's and StarDist's layout): a third of the decoder's cost, and the class
 branch learns from the features that finding and separating cells already needs. It is meant
 for a backbone trained from scratch on a CPU; UNI keeps HoVer-Net's separate branches.
+
+``image_skips=True`` adds a small convolutional encoder of the image (strided convolutions to
+1/2, 1/4 and 1/8) whose features are added to the skip paths. CellViT's skips at 1/2 to 1/8 are
+upsampled ViT features, detailed enough when the ViT is a pretrained foundation model; a ViT
+trained from scratch for minutes gives them little, and the HV maps, which must say where in a
+40-pixel red cell each pixel lies, came out blurred. With the image's own detail at every scale
+they sharpen (README: "How the default was chosen"). UNI does not use it.
 """
 
 from __future__ import annotations
@@ -36,6 +43,16 @@ def conv_block(cin: int, cout: int) -> nn.Sequential:
 def up_block(cin: int, cout: int) -> nn.Sequential:
     """x2 upsampling (transposed conv) followed by a conv block."""
     return nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, stride=2), conv_block(cout, cout))
+
+
+def down_block(cin: int, cout: int) -> nn.Sequential:
+    """/2 downsampling (a strided conv) followed by a conv block."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+        nn.GroupNorm(math.gcd(8, cout), cout),
+        nn.GELU(),
+        conv_block(cout, cout),
+    )
 
 
 class BranchUpsampler(nn.Module):
@@ -79,9 +96,12 @@ class HoverDecoder(nn.Module):
         embed_dim: channels of the ViT features.
         width: channels at 1/8 resolution (CellViT: 512); halved at each finer level.
         shared: one upsampling path for the three branches (see the module's docstring).
+        image_skips: a convolutional encoder of the image adds to the skips at 1/2, 1/4, 1/8.
     """
 
-    def __init__(self, embed_dim: int, width: int = 512, shared: bool = False):
+    def __init__(
+        self, embed_dim: int, width: int = 512, shared: bool = False, image_skips: bool = False
+    ):
         super().__init__()
         if width % 16:
             raise ValueError(f"decoder width must be a multiple of 16, got {width}")
@@ -93,6 +113,14 @@ class HoverDecoder(nn.Module):
         )
         self.skip2 = nn.Sequential(up_block(embed_dim, w), up_block(w, w // 2))  # 1/4
         self.skip3 = up_block(embed_dim, w)  # 1/8
+        # from skip0's features at 1/1 down to 1/2, 1/4, 1/8: the channels of skip1..skip3
+        self.image_path = (
+            nn.ModuleList(
+                [down_block(w // 8, w // 4), down_block(w // 4, w // 2), down_block(w // 2, w)]
+            )
+            if image_skips
+            else None
+        )
         if shared:
             self.trunk = BranchUpsampler(embed_dim, w, sum(BRANCHES.values()))
         else:
@@ -100,10 +128,22 @@ class HoverDecoder(nn.Module):
                 {name: BranchUpsampler(embed_dim, w, n) for name, n in BRANCHES.items()}
             )
 
+    def skips(self, image: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The skip features at 1/1, 1/2, 1/4 and 1/8 (the first three ViT maps upsampled, the
+        image's own features added where ``image_skips``)."""
+        z1, z2, z3, _ = features
+        skips = [self.skip0(image), self.skip1(z1), self.skip2(z2), self.skip3(z3)]
+        if self.image_path is not None:
+            x = skips[0]
+            for level, down in enumerate(self.image_path, start=1):
+                x = down(x)
+                skips[level] = skips[level] + x
+        return skips
+
     def forward(self, image: torch.Tensor, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """``features``: four ViT maps, shallow to deep, each (B, C, H/16, W/16)."""
-        z1, z2, z3, z4 = features
-        skips = [self.skip0(image), self.skip1(z1), self.skip2(z2), self.skip3(z3)]
+        z4 = features[3]
+        skips = self.skips(image, features)
         if self.shared:
             outputs = self.trunk(z4, skips).split(list(BRANCHES.values()), dim=1)
             return dict(zip(BRANCHES, outputs, strict=True))

@@ -29,13 +29,15 @@ UNI_HUB_ID = "hf-hub:MahmoodLab/UNI"
 @dataclass(frozen=True)
 class ModelSpec:
     """How to build one variant: the timm architecture, its options and the decoder's width and
-    layout (``shared_decoder``: one upsampling path for the three branches)."""
+    layout (``shared_decoder``: one upsampling path for the three branches; ``image_skips``: a
+    convolutional encoder of the image feeds the skips, see ``cellseg.model.decoder``)."""
 
     timm_name: str
     decoder_width: int = 256
     default_weights: str | None = None
     timm_kwargs: tuple[tuple[str, object], ...] = ()
     shared_decoder: bool = False
+    image_skips: bool = False
 
 
 _REGISTRY: dict[str, Callable[[], ModelSpec]] = {}
@@ -73,8 +75,17 @@ def vit_tiny() -> ModelSpec:
 
 @register_model
 def vit_tiny_shared() -> ModelSpec:
-    """ViT-Tiny with one decoder path for NP, HV and NC: the ``local`` profile's CPU model."""
+    """ViT-Tiny with one decoder path for NP, HV and NC (``local`` before issue 23)."""
     return ModelSpec("vit_tiny_patch16_224", decoder_width=128, shared_decoder=True)
+
+
+@register_model
+def vit_tiny_image_skips() -> ModelSpec:
+    """``vit_tiny_shared`` whose skips also see the image through a small convolutional encoder:
+    the ``local`` profile's CPU model."""
+    return ModelSpec(
+        "vit_tiny_patch16_224", decoder_width=128, shared_decoder=True, image_skips=True
+    )
 
 
 @register_model
@@ -95,14 +106,20 @@ def skip_indices(depth: int, n: int = 4) -> list[int]:
 class CellSegModel(nn.Module):
     """Image in [0, 1], (B, 3, H, W) with H and W multiples of 16 -> NP, HV, NC logits."""
 
-    def __init__(self, backbone: nn.Module, decoder_width: int, shared_decoder: bool = False):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        decoder_width: int,
+        shared_decoder: bool = False,
+        image_skips: bool = False,
+    ):
         super().__init__()
         self.skip_indices = skip_indices(len(backbone.blocks))
         # The final norm and head are unused (we read intermediate blocks): drop them, so every
         # parameter gets a gradient and DDP reduces every bucket.
         backbone.prune_intermediate_layers(self.skip_indices, prune_norm=True, prune_head=True)
         self.backbone = backbone
-        self.decoder = HoverDecoder(backbone.embed_dim, decoder_width, shared_decoder)
+        self.decoder = HoverDecoder(backbone.embed_dim, decoder_width, shared_decoder, image_skips)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -178,4 +195,6 @@ def create_model(
     if weights == "default":
         weights = spec.default_weights
     backbone = create_backbone(spec, weights)
-    return CellSegModel(backbone, decoder_width or spec.decoder_width, spec.shared_decoder)
+    return CellSegModel(
+        backbone, decoder_width or spec.decoder_width, spec.shared_decoder, spec.image_skips
+    )

@@ -14,11 +14,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from cellseg.threads import portable_cpu_kernels
 from cellseg.cluster.local_containers import docker_api
 from cellseg.ops.gate_report import side_by_side, verdict
 from cellseg.ops.steps import data_version_step
 from cellseg.ops.tracking import default_tracking_uri
+from cellseg.threads import portable_cpu_kernels
 from pipelines.cellseg_pipeline import cellseg_pipeline
 
 
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--portable-kernels",
         action="store_true",
-        help="AVX2 CPU kernels in every step: the same figures on any x86-64 (README: Reproducibility)",
+        help="AVX2 CPU kernels in every step (README: Reproducibility)",
     )
     args = parser.parse_args(argv)
     if args.portable_kernels:

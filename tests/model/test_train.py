@@ -120,18 +120,23 @@ def test_phase2_ships_phase1s_model_unless_it_beats_it_on_val(dataset, tmp_path)
     from cellseg.model.checkpoint import model_from_checkpoint
 
     train(1, dataset, tmp_path, load_config("local", 1, [*TINY, "epochs=3"]))
-    # an adapter LR this large wrecks the backbone: Phase 2's epoch is worse on val
-    state = train(2, dataset, tmp_path, load_config("local", 2, [*TINY, "epochs=1", "lr=50"]))
+    # No Phase 2 epoch beats Phase 1's val score by min_delta 100, whatever the rounding. (An
+    # adapter LR of 50 was meant to make the epoch worse; on an AVX-512 CPU it came out 0.016
+    # better: GroupNorm absorbs the wrecked backbone's scale.)
+    overrides = [*TINY, "epochs=1", "min_delta=100"]
+    state = train(2, dataset, tmp_path, load_config("local", 2, overrides))
     best = load_checkpoint(tmp_path / "best_phase2.pt")
-    assert state.history[0]["val_total"] > best["best_metric"]
+    assert state.history[0]["val_total"] > best["best_metric"] - 100
     assert best["chosen_phase"] == 1 and best["epoch"] == 0
     assert load_checkpoint(tmp_path / "best_phase1.pt")["chosen_phase"] == 1
-    # what ships is Phase 1's function (fresh adapters add nothing)
+    # what ships is Phase 1's function (fresh adapters add nothing), not the trained epoch's
     x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
     one, _ = model_from_checkpoint(tmp_path / "best_phase1.pt")
     two, _ = model_from_checkpoint(tmp_path / "best_phase2.pt")
+    trained, _ = model_from_checkpoint(tmp_path / "latest_phase2.pt")
     with torch.no_grad():
         assert torch.allclose(one(x)["nc"], two(x)["nc"], atol=1e-5)
+        assert not torch.allclose(one(x)["nc"], trained(x)["nc"], atol=1e-5)
 
 
 def test_a_killed_run_resumes_from_latest_and_ends_with_the_same_weights(dataset, tmp_path):

@@ -174,10 +174,12 @@ def main(argv: list[str] | None = None) -> None:
         help="AVX2 CPU kernels in every step (README: Reproducibility)",
     )
     args = parser.parse_args(argv)
-    if args.portable_kernels:
-        portable_cpu_kernels()  # the steps' subprocesses inherit it
     if args.runner == "container" and not args.image:
         parser.error("--runner container needs --image (make images builds one)")
+    if args.portable_kernels and args.runner == "container":
+        parser.error("--portable-kernels reaches subprocess steps only, not containers")
+    if args.portable_kernels:
+        portable_cpu_kernels()  # the steps' subprocesses inherit it
     uri = default_tracking_uri()
     start = time.perf_counter()
     with docker_api() if args.runner == "container" else contextlib.nullcontext():

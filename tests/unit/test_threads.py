@@ -89,3 +89,12 @@ def test_portable_kernels_compute_as_avx2_does_whatever_the_cpu_has():
     assert probe("native", **PORTABLE_CPU_KERNELS) == [pinned_isa, pinned]
     if native_isa != "AVX2":  # an AVX-512 machine rounds differently unpinned: the cause
         assert native != pinned
+
+
+def test_portable_kernels_are_refused_where_they_would_not_reach_the_steps(capsys):
+    from pipelines.run_local import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--runner", "container", "--image", "x", "--portable-kernels"])
+    assert exit_info.value.code == 2
+    assert "reaches subprocess steps only" in capsys.readouterr().err

@@ -69,8 +69,9 @@ def probe(mode: str, **env: str) -> list[str]:
     import subprocess
     import sys
 
-    keep = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
-    keep.pop("ATEN_CPU_CAPABILITY", None)
+    from cellseg.threads import PORTABLE_CPU_KERNELS
+
+    keep = {k: v for k, v in os.environ.items() if k not in PORTABLE_CPU_KERNELS}
     done = subprocess.run(
         [sys.executable, "-c", PROBE, mode], env={**keep, **env}, capture_output=True, text=True
     )

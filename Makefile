@@ -86,14 +86,14 @@ test: lint ## Lint, then run the whole test suite
 	$(BIN)/pytest
 
 bench: data ## Print the benchmarks (conversion rate, ..., serving over HTTP; SECTION=serving: that one)
-	$(BIN)/python -m cellseg.bench $(if $(SECTION),--only $(SECTION))
+	$(BIN)/python -m benchmarks.bench $(if $(SECTION),--only $(SECTION))
 
 quality: data ## Train PROFILE (default local) from scratch: val/test box AP@0.5 per class, minutes (SET="k=v ...")
-	$(BIN)/python -m cellseg.quality --source data/BCCD --profile $(or $(PROFILE),local) \
+	$(BIN)/python -m benchmarks.quality --source data/BCCD --profile $(or $(PROFILE),local) \
 		$(foreach kv,$(SET),--set $(kv)) $(if $(PORTABLE),--portable-kernels)
 
 bench-gpu: data ## The whole GPU check on a CUDA machine, JSON in out/gpu-check/ (QUICK=1: CPU dry run)
-	$(BIN)/python -m cellseg.gpu_check --source data/BCCD --out $(OUT)/gpu-check $(if $(QUICK),--quick)
+	$(BIN)/python -m benchmarks.gpu_check --source data/BCCD --out $(OUT)/gpu-check $(if $(QUICK),--quick)
 
 # What a bare GPU box with Python 3.12 and torch lacks for the training path (versions as locked).
 GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
@@ -111,12 +111,12 @@ lock: setup ## Re-resolve requirements.lock from pyproject.toml (needs network)
 
 LOCAL_BASE ?= localhost/debian-python:3.11
 images: setup ## Build the project image (docker, else podman, else buildah; CONTAINER_ENGINE=, BASE_IMAGE=) and print its figures
-	$(BIN)/python -m cellseg.cluster.images build --tag $(IMAGE_REF) $(if $(BASE_IMAGE),--base $(BASE_IMAGE)) \
+	$(BIN)/python -m images.build build --tag $(IMAGE_REF) $(if $(BASE_IMAGE),--base $(BASE_IMAGE)) \
 		$(if $(CONTAINER_ENGINE),--engine $(CONTAINER_ENGINE))
 	@echo "next: make push  (then make compile IMAGE=$(IMAGE_REF), or IMAGE=$(IMAGE_REF) make pipeline-run)"
 
 push: setup ## Push the image built by `make images` to REGISTRY
-	$(BIN)/python -m cellseg.cluster.images push --tag $(IMAGE_REF) $(if $(CONTAINER_ENGINE),--engine $(CONTAINER_ENGINE))
+	$(BIN)/python -m images.build push --tag $(IMAGE_REF) $(if $(CONTAINER_ENGINE),--engine $(CONTAINER_ENGINE))
 
 base-image: ## A local stand-in base (Debian bookworm minbase, Python 3.11) for offline builds: $(LOCAL_BASE)
 	@mkdir -p $(OUT)  # mmdebstrap refuses a target whose folder is missing (a clean clone has no out/)
@@ -131,10 +131,10 @@ base-image: ## A local stand-in base (Debian bookworm minbase, Python 3.11) for 
 	@echo "next: make images BASE_IMAGE=$(LOCAL_BASE)"
 
 crds: setup ## Download the pinned upstream CRDs the tests validate against (checksums) into ~/.cache/cellseg/crds
-	$(BIN)/python -m cellseg.cluster.crds
+	$(BIN)/python -m tests.crds
 
 doctor: setup ## Check the cluster against the requirements, one line each (ENGINE=trainjob, QUEUE=..., NAMESPACE=...)
-	$(BIN)/cellseg doctor $(if $(ENGINE),--engine $(ENGINE)) $(if $(QUEUE),--queue $(QUEUE)) \
+	$(BIN)/cellseg doctor $(if $(ENGINE),--training-engine $(ENGINE)) $(if $(QUEUE),--queue-name $(QUEUE)) \
 		$(if $(NAMESPACE),--namespace $(NAMESPACE))
 
 deploy: setup ## Apply the cluster manifests (OVERLAY=generic-gpu|gke-h100|kueue|kubeflow) with kubectl

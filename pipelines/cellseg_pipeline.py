@@ -12,8 +12,10 @@ retraining run must retrain). Every step that talks to MLflow reads its credenti
 
 from kfp import dsl, kubernetes
 
-from cellseg.cluster import names as cluster
+from cellseg import settings
 from cellseg.data.manifest import FORMAT as DATASET_FORMAT
+from cellseg.settings import PROMOTION_TOLERANCE
+from cellseg.settings import TRAINING_JOB as JOB
 from components.convert.component import convert
 from components.data_version.component import data_version
 from components.evaluate.component import evaluate
@@ -26,7 +28,7 @@ PIPELINE_NAME = "cellseg"
 
 
 def on_gpu(task: dsl.PipelineTask, gpus, node_selector, tolerations) -> dsl.PipelineTask:
-    task.set_accelerator_type(cluster.ACCELERATOR).set_accelerator_limit(gpus)
+    task.set_accelerator_type(settings.ACCELERATOR).set_accelerator_limit(gpus)
     task.set_cpu_request("4").set_memory_request("32G").set_memory_limit("64G")
     kubernetes.add_node_selector_json(task, node_selector)
     kubernetes.add_toleration_json(task, tolerations)
@@ -36,7 +38,7 @@ def on_gpu(task: dsl.PipelineTask, gpus, node_selector, tolerations) -> dsl.Pipe
 def mlflow_login(task: dsl.PipelineTask) -> dsl.PipelineTask:
     """MLflow's credentials where it authenticates (overlays/kubeflow); none elsewhere."""
     keys = {k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    return kubernetes.use_secret_as_env(task, cluster.MLFLOW_AUTH_SECRET, keys, optional=True)
+    return kubernetes.use_secret_as_env(task, settings.MLFLOW_AUTH_SECRET, keys, optional=True)
 
 
 def on_cpu(task: dsl.PipelineTask, cpu: str = "1", memory: str = "4G") -> dsl.PipelineTask:
@@ -45,28 +47,28 @@ def on_cpu(task: dsl.PipelineTask, cpu: str = "1", memory: str = "4G") -> dsl.Pi
 
 @dsl.pipeline(name=PIPELINE_NAME, description="BCCD blood-cell instance segmentation: UNI + HoVer")
 def cellseg_pipeline(
-    source: str = f"{cluster.DATASETS_MOUNT}/BCCD",
+    source: str = f"{settings.DATASETS_MOUNT}/BCCD",
     data_md5: str = "",  # "" = whatever revision is at source (scheduled retraining)
-    profile: str = "uni-gpu",
+    profile: str = settings.CLUSTER_PROFILE,
     epochs: int = 0,
     lora_rank: int = 0,  # 0: the profile's
     lora_alpha: float = 0.0,  # 0: the profile's; the adapter scale is alpha / rank
     overrides: list = [],  # noqa: B006 (a KFP parameter default, never mutated)
-    gpus_per_node: int = 1,
-    num_nodes: int = 1,
-    node_selector: dict = cluster.GPU_NODE_SELECTOR,
-    tolerations: list = list(cluster.GPU_TOLERATIONS),  # noqa: B006 (never mutated)
-    mlflow_uri: str = cluster.MLFLOW_URI,
-    image: str = cluster.IMAGE,
-    train_timeout_hours: float = 72.0,
-    training_engine: str = "pytorchjob",  # or "trainjob": Kubeflow Trainer v2
-    queue_name: str = "",  # a Kueue LocalQueue for the training jobs; "" = none
-    train_cpu_per_node: str = "8",
-    train_memory_per_node: str = "64Gi",
-    train_shm_per_node: str = "16Gi",  # /dev/shm of each training pod
-    pending_timeout_minutes: float = 30.0,  # a training pod no node can take fails after this
+    gpus_per_node: int = JOB.gpus_per_node,
+    num_nodes: int = JOB.num_nodes,
+    node_selector: dict = JOB.node_selector,
+    tolerations: list = list(JOB.tolerations),  # noqa: B006 (never mutated)
+    mlflow_uri: str = settings.MLFLOW_URI,
+    image: str = JOB.image,
+    train_timeout_hours: float = JOB.train_timeout_hours,  # running, after admission
+    training_engine: str = JOB.training_engine,  # pytorchjob, or trainjob: Kubeflow Trainer v2
+    queue_name: str = JOB.queue_name,  # a Kueue LocalQueue for the training jobs; "" = none
+    train_cpu_per_node: str = JOB.train_cpu_per_node,
+    train_memory_per_node: str = JOB.train_memory_per_node,
+    train_shm_per_node: str = JOB.train_shm_per_node,  # /dev/shm of each training pod
+    pending_timeout_minutes: float = JOB.pending_timeout_minutes,  # unschedulable pod: fail
     run_tags: dict = {},  # noqa: B006
-    promotion_tolerance: float = 0.02,
+    promotion_tolerance: float = PROMOTION_TOLERANCE,
     force_promote: bool = False,
     inference_service: str = "",  # a KServe InferenceService rolled to each new champion
     canary_traffic_percent: int = 0,  # 1..99: that share to the new champion first; 0: all
@@ -78,7 +80,9 @@ def cellseg_pipeline(
     # keyed on the data md5 and the converter's format: new data or converter, new conversion
     data.set_caching_options(True)
     for task in (version, data):
-        kubernetes.mount_pvc(task, pvc_name=cluster.DATASETS_PVC, mount_path=cluster.DATASETS_MOUNT)
+        kubernetes.mount_pvc(
+            task, pvc_name=settings.DATASETS_PVC, mount_path=settings.DATASETS_MOUNT
+        )
     dataset = data.outputs["dataset"]
     common = dict(
         dataset=dataset,
@@ -95,12 +99,12 @@ def cellseg_pipeline(
         image=image,
         node_selector=node_selector,
         tolerations=tolerations,
-        timeout_hours=train_timeout_hours,
+        train_timeout_hours=train_timeout_hours,
         training_engine=training_engine,
         queue_name=queue_name,
-        cpu_per_node=train_cpu_per_node,
-        memory_per_node=train_memory_per_node,
-        shm_per_node=train_shm_per_node,
+        train_cpu_per_node=train_cpu_per_node,
+        train_memory_per_node=train_memory_per_node,
+        train_shm_per_node=train_shm_per_node,
         pending_timeout_minutes=pending_timeout_minutes,
     )
     phase1 = train(phase=1, **common).set_display_name("train-phase1")
@@ -120,7 +124,7 @@ def cellseg_pipeline(
         for env, field_path in (("POD_NAME", "metadata.name"), ("POD_UID", "metadata.uid")):
             kubernetes.use_field_path_as_env(task, env_name=env, field_path=field_path)
         kubernetes.mount_pvc(
-            task, pvc_name=cluster.CHECKPOINTS_PVC, mount_path=cluster.CHECKPOINTS_MOUNT
+            task, pvc_name=settings.CHECKPOINTS_PVC, mount_path=settings.CHECKPOINTS_MOUNT
         )
     on_gpu(scores, gpus_per_node, node_selector, tolerations).set_caching_options(False)
     champion = score_champion(
@@ -131,7 +135,7 @@ def cellseg_pipeline(
         register(
             model=phase2.outputs["model"],
             report_files=scores.outputs["report_files"],
-            baseline=champion.outputs["baseline"],
+            champion_score=champion.outputs["champion_score"],
             dataset=dataset,
             pipeline_run_id=run_id,
             run_tags=run_tags,

@@ -14,12 +14,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from cellseg.cluster.local_containers import docker_api
-from cellseg.ops.gate_report import side_by_side, verdict
-from cellseg.ops.steps import data_version_step
-from cellseg.ops.tracking import default_tracking_uri
-from cellseg.threads import portable_cpu_kernels
+from cellseg.registry.gate import decision_rows, verdict
+from cellseg.registry.tracking import default_tracking_uri
+from cellseg.runtime import portable_cpu_kernels
+from cellseg.settings import LOCAL_PROFILE, TRAINING_JOB
+from cellseg.steps.data_version import data_version_step
 from pipelines.cellseg_pipeline import cellseg_pipeline
+from pipelines.local_containers import docker_api
 
 
 def git_commit() -> str:
@@ -30,10 +31,10 @@ def git_commit() -> str:
 def run_local(
     source: Path,
     pipeline_root: Path,
-    profile: str = "local",
+    profile: str = LOCAL_PROFILE,
     overrides: list[str] = (),
     mlflow_uri: str | None = None,
-    processes: int = 1,
+    gpus_per_node: int = TRAINING_JOB.gpus_per_node,
     force_promote: bool = False,
     image: str | None = None,
     data_md5: str | None = None,
@@ -60,7 +61,7 @@ def run_local(
     # process creates for them: create those writable for everyone, for this run only.
     with umask(0o000) if image else contextlib.nullcontext():
         run_pipeline(
-            pipeline, source, md5, profile, overrides, processes, uri, force_promote, image
+            pipeline, source, md5, profile, overrides, gpus_per_node, uri, force_promote, image
         )
     (run_dir,) = set(pipeline_root.iterdir()) - before
     return run_dir
@@ -75,13 +76,15 @@ def umask(mask: int):
         os.umask(previous)
 
 
-def run_pipeline(pipeline, source, md5, profile, overrides, processes, uri, force_promote, image):
+def run_pipeline(
+    pipeline, source, md5, profile, overrides, gpus_per_node, uri, force_promote, image
+):
     pipeline(
         source=str(source),
         data_md5=md5,
         profile=profile,
         overrides=list(overrides),
-        gpus_per_node=processes,
+        gpus_per_node=gpus_per_node,
         mlflow_uri=uri,
         force_promote=force_promote,
         run_tags={
@@ -100,8 +103,8 @@ def in_containers(image: str, source: Path, mlflow_uri: str, pipeline_root: Path
 
     from kfp import components
 
-    from cellseg.cluster.local_containers import docker_runner
     from pipelines.compile import compile_pipeline
+    from pipelines.local_containers import docker_runner
 
     binds = {source: True}
     if mlflow_uri.startswith("sqlite:///"):
@@ -147,7 +150,7 @@ def summary(run_dir: Path, mlflow_uri: str) -> str:
     lines += ["", f"Registry: cellseg version {reg['version']} {verdict(reg)}: "
               f"{'; '.join(reg['reasons'])}", ""]  # fmt: skip
     lines.append(f"  {'':<28} {'challenger':>12} {'champion':>20}")
-    lines += [f"  {what:<28} {new:>12} {old:>20}" for what, new, old in side_by_side(reg)]
+    lines += [f"  {what:<28} {new:>12} {old:>20}" for what, new, old in decision_rows(reg)]
     lines += [
         "",
         f"Report:   {run_dir / 'evaluate' / 'report_files' / 'report.md'}",
@@ -162,16 +165,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=Path("data/BCCD"))
     parser.add_argument("--pipeline-root", type=Path, default=Path("out/kfp"))
-    parser.add_argument("--profile", default="local")
+    parser.add_argument("--profile", default=LOCAL_PROFILE)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--processes", type=int, default=1, help="DDP processes per phase")
+    parser.add_argument("--gpus-per-node", type=int, default=TRAINING_JOB.gpus_per_node,
+                        help="DDP processes per phase (CPU processes here)")  # fmt: skip
     parser.add_argument("--force-promote", action="store_true")
     parser.add_argument("--runner", choices=("subprocess", "container"), default="subprocess")
     parser.add_argument("--image", default="", help="the project image (--runner container)")
     parser.add_argument(
         "--portable-kernels",
         action="store_true",
-        help="AVX2 CPU kernels in every step (README: Reproducibility)",
+        help="AVX2 CPU kernels in every step (docs/reproducibility.md)",
     )
     args = parser.parse_args(argv)
     if args.runner == "container" and not args.image:
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     with docker_api() if args.runner == "container" else contextlib.nullcontext():
         run_dir = run_local(
-            args.source, args.pipeline_root, args.profile, args.set, uri, args.processes,
+            args.source, args.pipeline_root, args.profile, args.set, uri, args.gpus_per_node,
             args.force_promote, args.image if args.runner == "container" else None,
         )  # fmt: skip
     print(summary(run_dir, uri))

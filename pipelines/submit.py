@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from cellseg.cluster.names import IMAGE, NAMESPACE, PIPELINE_SERVICE_ACCOUNT
 from cellseg.data.source import read_dvc_pointer
+from cellseg.settings import CLUSTER_PROFILE, IMAGE, NAMESPACE, PIPELINE_SERVICE_ACCOUNT
 from pipelines.cellseg_pipeline import PIPELINE_NAME
 from pipelines.compile import compile_pipeline
 
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cron", default="", help='6 fields, seconds first ("0 0 3 * * 1"), @weekly, @every 168h'
     )
-    parser.add_argument("--profile", default="uni-gpu")
+    parser.add_argument("--profile", default=CLUSTER_PROFILE)
     args = parser.parse_args(argv)
     try:
         if args.action == "schedule":

@@ -13,6 +13,6 @@ def convert(source: str, data_md5: str, dataset_format: str, dataset: Output[Dat
     """
     from pathlib import Path
 
-    from cellseg.ops.steps import convert_step
+    from cellseg.steps.convert import convert_step
 
-    dataset.metadata.update(convert_step(source, data_md5, Path(dataset.path)))
+    dataset.metadata.update(convert_step(source=source, data_md5=data_md5, out=Path(dataset.path)))

@@ -7,6 +7,6 @@ from components import IMAGE
 def data_version(source: str, expected_md5: str) -> str:
     """The DVC md5 of the raw data at ``source`` (never cached), checked against
     ``expected_md5`` when given. Conversion is cached on it: new data, new conversion."""
-    from cellseg.ops.steps import data_version_step
+    from cellseg.steps.data_version import data_version_step
 
-    return data_version_step(source, expected_md5)
+    return data_version_step(source=source, expected_md5=expected_md5)

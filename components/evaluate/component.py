@@ -32,15 +32,16 @@ def evaluate(
     from pathlib import Path
 
     from cellseg.evaluation.report import square_confusion
-    from cellseg.ops.steps import evaluate_step, flat_metrics
+    from cellseg.registry.tracking import flat_metrics
+    from cellseg.steps.evaluate import evaluate_step
 
     result = evaluate_step(
-        Path(dataset.path),
-        Path(model.path),
-        Path(report_files.path),
-        pipeline_run_id,
-        run_tags,
-        mlflow_uri,
+        data=Path(dataset.path),
+        model=Path(model.path),
+        out=Path(report_files.path),
+        pipeline_run_id=pipeline_run_id,
+        tags=run_tags,
+        mlflow_uri=mlflow_uri,
     )
     for name, value in flat_metrics(result).items():
         metrics.log_metric(name, value)

@@ -14,10 +14,14 @@ def promote(
     """Move ``champion`` to the registered version if it still points to the version the gate
     compared against and, with ``inference_service``, roll that KServe InferenceService to it;
     returns its storageUri ("" when none, or when ``champion`` moved during the run)."""
-    from cellseg.ops.steps import promote_step
+    from cellseg.steps.promote import promote_step
 
     meta = registered.metadata
     return promote_step(
-        meta["version"], meta["champion_version"], mlflow_uri, meta.get("forced", False),
-        inference_service, canary_traffic_percent,
-    )  # fmt: skip
+        version=meta["version"],
+        compared_with=meta["champion_version"],
+        mlflow_uri=mlflow_uri,
+        force=meta.get("forced", False),
+        inference_service=inference_service,
+        canary_traffic_percent=canary_traffic_percent,
+    )

@@ -8,7 +8,7 @@ from components import IMAGE
 def register(
     model: Input[Model],
     report_files: Input[Artifact],
-    baseline: Input[Artifact],
+    champion_score: Input[Artifact],
     dataset: Input[Dataset],
     pipeline_run_id: str,
     run_tags: dict,
@@ -22,20 +22,20 @@ def register(
     (the gate against the champion as scored in this run); the decision as Markdown."""
     from pathlib import Path
 
-    from cellseg.ops.gate_report import decision_markdown
-    from cellseg.ops.steps import register_step
+    from cellseg.registry.gate import decision_markdown
+    from cellseg.steps.register import register_step
 
     result = register_step(
-        Path(model.path),
-        Path(report_files.path) / "metrics.json",
-        Path(dataset.path),
-        pipeline_run_id,
-        run_tags,
-        mlflow_uri,
-        tolerance,
-        force,
-        Path(baseline.path),
-        dataset.metadata.get("data_md5", ""),
+        model=Path(model.path),
+        metrics_path=Path(report_files.path) / "metrics.json",
+        data=Path(dataset.path),
+        pipeline_run_id=pipeline_run_id,
+        tags=run_tags,
+        mlflow_uri=mlflow_uri,
+        tolerance=tolerance,
+        force=force,
+        champion_dir=Path(champion_score.path),
+        data_md5=dataset.metadata.get("data_md5", ""),
     )
     registered.metadata.update(result)
     Path(decision.path).write_text(decision_markdown(result))

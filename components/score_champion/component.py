@@ -10,15 +10,19 @@ def score_champion(
     pipeline_run_id: str,
     run_tags: dict,
     mlflow_uri: str,
-    baseline: Output[Artifact],
+    champion_score: Output[Artifact],
 ):
     """The current champion, loaded with its own post-processing, scored on this run's test
-    split (baseline.json, and its report), so the gate compares two fresh results."""
+    split (champion_score.json, and its report), so the gate compares two fresh results."""
     from pathlib import Path
 
-    from cellseg.ops.steps import score_champion_step
+    from cellseg.steps.score_champion import score_champion_step
 
     result = score_champion_step(
-        Path(dataset.path), Path(baseline.path), pipeline_run_id, run_tags, mlflow_uri
+        data=Path(dataset.path),
+        out=Path(champion_score.path),
+        pipeline_run_id=pipeline_run_id,
+        tags=run_tags,
+        mlflow_uri=mlflow_uri,
     )
-    baseline.metadata.update(result)
+    champion_score.metadata.update(result)

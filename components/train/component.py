@@ -18,12 +18,12 @@ def train(
     image: str,
     node_selector: dict,
     tolerations: list,
-    timeout_hours: float,
     training_engine: str,
     queue_name: str,
-    cpu_per_node: str,
-    memory_per_node: str,
-    shm_per_node: str,
+    train_cpu_per_node: str,
+    train_memory_per_node: str,
+    train_shm_per_node: str,
+    train_timeout_hours: float,
     pending_timeout_minutes: float,
     pipeline_run_id: str,
     run_tags: dict,
@@ -38,8 +38,23 @@ def train(
     torchrun."""
     from pathlib import Path
 
-    from cellseg.ops.steps import TrainRequest, train_step
+    from cellseg.settings import TrainingJobSettings
+    from cellseg.steps.train import TrainRequest, train_step
 
+    job = TrainingJobSettings(
+        training_engine=training_engine,
+        image=image,
+        num_nodes=num_nodes,
+        gpus_per_node=gpus_per_node,
+        node_selector=node_selector,
+        tolerations=tuple(tolerations),
+        queue_name=queue_name,
+        train_cpu_per_node=train_cpu_per_node,
+        train_memory_per_node=train_memory_per_node,
+        train_shm_per_node=train_shm_per_node,
+        train_timeout_hours=train_timeout_hours,
+        pending_timeout_minutes=pending_timeout_minutes,
+    )
     request = TrainRequest(
         phase=phase,
         profile=profile,
@@ -47,27 +62,15 @@ def train(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         overrides=tuple(overrides),
-        gpus_per_node=gpus_per_node,
-        num_nodes=num_nodes,
-        image=image,
-        node_selector=node_selector,
-        tolerations=tuple(tolerations),
-        timeout_hours=timeout_hours,
-        engine=training_engine,
-        queue_name=queue_name,
-        cpu_per_node=cpu_per_node,
-        memory_per_node=memory_per_node,
-        shm_per_node=shm_per_node,
-        pending_timeout_minutes=pending_timeout_minutes,
+        job=job,
     )
-    init = Path(init_model.path) if init_model is not None else None
     info = train_step(
         request,
-        Path(dataset.path),
-        Path(model.path),
-        init,
-        pipeline_run_id,
-        run_tags,
-        mlflow_uri,
+        data=Path(dataset.path),
+        out=Path(model.path),
+        init=Path(init_model.path) if init_model is not None else None,
+        pipeline_run_id=pipeline_run_id,
+        tags=run_tags,
+        mlflow_uri=mlflow_uri,
     )
     model.metadata.update(info)

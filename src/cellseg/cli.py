@@ -11,8 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+from cellseg import settings
 from cellseg.errors import CellsegError
-from cellseg.threads import match_torch_threads
+from cellseg.runtime import match_torch_threads
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -41,7 +42,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = load_config(args.profile, args.phase, args.set)
     tracker = None
     if args.mlflow_run and os.environ.get("RANK", "0") == "0":  # rank 0 alone logs
-        from cellseg.ops.tracking import Tracker, configure
+        from cellseg.registry.tracking import Tracker, configure
 
         configure()
         tracker = Tracker(args.mlflow_run)
@@ -53,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from cellseg.evaluation.evaluate import evaluate
-    from cellseg.ops.model_ref import load_predictor
+    from cellseg.evaluation.inference import load_predictor
 
     match_torch_threads()  # the cgroup's CPU quota, not the host's core count
     predictor = load_predictor(args.model, args.device)
@@ -65,9 +66,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from cellseg.evaluation.inference import set_inference_threads
+    from cellseg.evaluation.inference import load_predictor
     from cellseg.evaluation.predict import predict
-    from cellseg.ops.model_ref import load_predictor
+    from cellseg.runtime import set_inference_threads
 
     set_inference_threads(args.threads)
     failures = predict(args.inputs, load_predictor(args.model, args.device), args.out)
@@ -81,14 +82,16 @@ def cmd_register(args: argparse.Namespace) -> None:
     import tempfile
     from pathlib import Path
 
-    from cellseg.ops.registry import promote
-    from cellseg.ops.steps import register_step, score_champion_step
+    from cellseg.registry.promotion import promote
+    from cellseg.steps.register import register_step
+    from cellseg.steps.score_champion import score_champion_step
 
     with tempfile.TemporaryDirectory() as champion:  # the champion on the same test split
         score_champion_step(args.data, Path(champion), args.pipeline_run, {}, None)
         result = register_step(
-            args.model, args.metrics, args.data, args.pipeline_run, {}, None, args.tolerance,
-            args.force, Path(champion),
+            model=args.model, metrics_path=args.metrics, data=args.data,
+            pipeline_run_id=args.pipeline_run, tags={}, mlflow_uri=None,
+            tolerance=args.tolerance, force=args.force, champion_dir=Path(champion),
         )  # fmt: skip
     if result["promote"]:
         moved = promote(result["version"], result["champion_version"], force=result["forced"])
@@ -99,24 +102,24 @@ def cmd_register(args: argparse.Namespace) -> None:
 def cmd_rollout(args: argparse.Namespace) -> None:
     import json
 
-    from cellseg.ops.tracking import configure
-    from cellseg.serving.rollout import champion_storage_uri, roll_inference_service, rollout_patch
+    from cellseg.registry.champion import storage_uri_of
+    from cellseg.registry.tracking import configure
+    from cellseg.serving.rollout import roll_inference_service, rollout_patch
 
     configure()
-    uri = champion_storage_uri(args.model_name, args.version)
+    uri = storage_uri_of(args.model_name, args.version)
     if args.dry_run:
         print(json.dumps(rollout_patch(uri, args.canary)))
         return
-    from kubernetes import config
+    from cellseg.cluster.client import api_client
 
-    config.load_kube_config()
-    roll_inference_service(args.service, args.namespace, uri, args.canary)
+    roll_inference_service(args.service, args.namespace, uri, args.canary, api_client())
     share = f"{args.canary}% of the traffic" if 0 < args.canary < 100 else "all traffic"
     print(f"inferenceservice/{args.service} -> {uri} ({share})")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from cellseg.ops.compare import compare
+    from cellseg.registry.compare import compare
 
     runs = args.runs.split(",") if args.runs else None
     if runs is not None and len(runs) != 2:
@@ -139,53 +142,55 @@ def cmd_launch(args: argparse.Namespace) -> None:
 
     from cellseg.cluster.jobs import JobSpec, build_job, job_name
     from cellseg.cluster.launch import run_job
-    from cellseg.ops.steps import TrainRequest, train_args
+    from cellseg.steps.train import TrainRequest, train_args
 
-    request = TrainRequest(phase=args.phase, profile=args.profile, overrides=tuple(args.set))
+    job = settings.TrainingJobSettings(
+        training_engine=args.training_engine,
+        image=args.image,
+        num_nodes=args.num_nodes,
+        gpus_per_node=args.gpus_per_node,
+        node_selector=dict(kv.split("=", 1) for kv in args.node_selector)
+        if args.node_selector
+        else dict(settings.GPU_NODE_SELECTOR),
+        tolerations=tolerations_from(args.toleration) if args.toleration else
+        settings.GPU_TOLERATIONS,
+        queue_name=args.queue_name,
+        train_cpu_per_node=args.train_cpu_per_node,
+        train_memory_per_node=args.train_memory_per_node,
+        train_shm_per_node=args.train_shm_per_node,
+        train_timeout_hours=args.train_timeout_hours,
+        queue_timeout_hours=args.queue_timeout_hours,
+        pending_timeout_minutes=args.pending_timeout_minutes,
+    )  # fmt: skip
+    request = TrainRequest(phase=args.phase, profile=args.profile, overrides=tuple(args.set),
+                           job=job)  # fmt: skip
     spec = JobSpec(
         name=args.name or job_name(args.pipeline_run, args.phase),
-        image=args.image,
         train_args=tuple(train_args(request, args.data, args.out, args.init, None)),
+        job=job,
         namespace=args.namespace,
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        node_selector=dict(kv.split("=", 1) for kv in args.node_selector),
-        tolerations=tolerations_from(args.toleration),
         mlflow_uri=os.environ.get("MLFLOW_TRACKING_URI", ""),
-        queue_name=args.queue,
-        timeout_seconds=int(args.timeout_hours * 3600),
     )
     if args.dry_run:
-        print(yaml.safe_dump(build_job(args.engine, spec), sort_keys=False), end="")
+        print(yaml.safe_dump(build_job(spec), sort_keys=False), end="")
         return
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    run_job(args.engine, spec, client.ApiClient(), args.queue_timeout_hours * 3600)
+    run_job(spec)
 
 
 def cmd_doctor(args: argparse.Namespace) -> None:
-    from kubernetes import client, config
+    from cellseg.cluster.client import api_client
+    from cellseg.cluster.doctor import DoctorOptions, blockers, run_checks
 
-    from cellseg.cluster.doctor import Settings, blockers, run_checks
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    settings = Settings(
+    options = DoctorOptions(
         namespace=args.namespace,
-        engine=args.engine,
-        queue_name=args.queue,
-        mlflow_uri=args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or Settings.mlflow_uri,
+        engine=args.training_engine,
+        queue_name=args.queue_name,
+        mlflow_uri=args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or settings.MLFLOW_URI,
         kfp_host=os.environ.get("KFP_HOST", ""),
         kfp_token=os.environ.get("KFP_TOKEN", ""),
         account=args.as_account,
     )
-    results = run_checks(client.ApiClient(), settings)
+    results = run_checks(api_client(), options)
     for result in results:
         print(result.line())
     if failed := blockers(results):
@@ -214,7 +219,8 @@ def add_model_commands(sub) -> None:
     train.add_argument("--phase", type=int, choices=(1, 2), required=True)
     train.add_argument("--data", type=Path, required=True, help="converted dataset directory")
     train.add_argument("--out", type=Path, required=True, help="checkpoint directory")
-    train.add_argument("--profile", default="local", help="local | uni-gpu | a YAML file")
+    train.add_argument("--profile", default=settings.LOCAL_PROFILE,
+                       help="local | uni-gpu | a YAML file")  # fmt: skip
     train.add_argument("--init", type=Path, help="Phase 2: Phase 1 checkpoint (file or folder)")
     train.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
@@ -240,53 +246,85 @@ def add_model_commands(sub) -> None:
     predict.set_defaults(handler=cmd_predict)
 
 
-def add_ops_commands(sub) -> None:
-    from cellseg.cluster import names as cluster  # constants only
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training job's shape: one flag per :class:`cellseg.settings.TrainingJobSettings`
+    field, named as the pipeline parameter, with its default."""
+    job = settings.TRAINING_JOB
+    parser.add_argument(
+        "--training-engine",
+        choices=settings.TRAINING_ENGINES,
+        default=job.training_engine,
+        help="Training Operator v1 PyTorchJob, or Kubeflow Trainer v2 TrainJob",
+    )
+    parser.add_argument("--image", default=job.image)
+    parser.add_argument("--num-nodes", type=int, default=job.num_nodes)
+    parser.add_argument("--gpus-per-node", type=int, default=job.gpus_per_node)
+    parser.add_argument(
+        "--node-selector",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="repeatable (default: the GPU nodes' label)",
+    )
+    parser.add_argument(
+        "--toleration",
+        action="append",
+        default=[],
+        metavar="KEY[:EFFECT]",
+        help="repeatable (default: the GPU taint)",
+    )
+    parser.add_argument(
+        "--queue-name", default=job.queue_name, help="Kueue LocalQueue (default: none)"
+    )
+    parser.add_argument("--train-cpu-per-node", default=job.train_cpu_per_node)
+    parser.add_argument("--train-memory-per-node", default=job.train_memory_per_node)
+    parser.add_argument("--train-shm-per-node", default=job.train_shm_per_node)
+    parser.add_argument(
+        "--train-timeout-hours", type=float, default=job.train_timeout_hours, help="after admission"
+    )
+    parser.add_argument(
+        "--queue-timeout-hours", type=float, default=job.queue_timeout_hours, help="while queued"
+    )
+    parser.add_argument("--pending-timeout-minutes", type=float,
+                        default=job.pending_timeout_minutes,
+                        help="a pod no node can take fails the job after this")  # fmt: skip
 
+
+def add_ops_commands(sub) -> None:
     register = sub.add_parser("register", help="register a model in MLflow (challenger + gate)")
     register.add_argument("--model", type=Path, required=True, help="checkpoint or folder")
     register.add_argument("--metrics", type=Path, required=True, help="metrics.json of evaluate")
     register.add_argument("--data", type=Path, required=True, help="converted dataset")
     register.add_argument("--pipeline-run", default="manual", help="groups the MLflow runs")
-    register.add_argument("--tolerance", type=float, default=0.02, help="per-class PQ drop")
+    register.add_argument(
+        "--tolerance",
+        type=float,
+        default=settings.PROMOTION_TOLERANCE,
+        help="the largest per-class PQ drop a better model may bring",
+    )
     register.add_argument("--force", action="store_true", help="promote regardless (recorded)")
     register.set_defaults(handler=cmd_register)
 
     launch = sub.add_parser("launch", help="train as a cluster job (--dry-run prints its YAML)")
     launch.add_argument("--dry-run", action="store_true", help="print the manifest, submit nothing")
-    launch.add_argument(
-        "--engine",
-        choices=("pytorchjob", "trainjob"),
-        default="pytorchjob",
-        help="Training Operator v1 PyTorchJob, or Kubeflow Trainer v2 TrainJob",
-    )
-    launch.add_argument("--queue", default="", help="Kueue LocalQueue (default: none)")
     launch.add_argument("--phase", type=int, choices=(1, 2), default=1)
-    launch.add_argument("--data", default=f"{cluster.CHECKPOINTS_MOUNT}/manual/dataset")
-    launch.add_argument("--out", default=f"{cluster.CHECKPOINTS_MOUNT}/manual/phase1")
+    launch.add_argument("--data", default=f"{settings.CHECKPOINTS_MOUNT}/manual/dataset")
+    launch.add_argument("--out", default=f"{settings.CHECKPOINTS_MOUNT}/manual/phase1")
     launch.add_argument("--init", help="Phase 2: Phase 1's checkpoint on the volume")
-    launch.add_argument("--profile", default="uni-gpu")
+    launch.add_argument("--profile", default=settings.CLUSTER_PROFILE)
     launch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    launch.add_argument("--nodes", type=int, default=1)
-    launch.add_argument("--gpus-per-node", type=int, default=1)
-    launch.add_argument("--image", default=cluster.IMAGE)
-    launch.add_argument("--namespace", default=cluster.NAMESPACE)
+    launch.add_argument("--namespace", default=settings.NAMESPACE)
     launch.add_argument("--name", help="job name (default: from --pipeline-run and --phase)")
     launch.add_argument("--pipeline-run", default="manual")
-    launch.add_argument(
-        "--node-selector", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
-    )
-    launch.add_argument(
-        "--toleration", action="append", default=[], metavar="KEY[:EFFECT]", help="repeatable"
-    )
-    launch.add_argument("--timeout-hours", type=float, default=72.0, help="after admission")
-    launch.add_argument("--queue-timeout-hours", type=float, default=168.0, help="while queued")
+    add_job_arguments(launch)
     launch.set_defaults(handler=cmd_launch)
 
     doctor = sub.add_parser("doctor", help="check the cluster: one line per requirement")
-    doctor.add_argument("--namespace", default=cluster.NAMESPACE)
-    doctor.add_argument("--engine", choices=("pytorchjob", "trainjob"), default="pytorchjob")
-    doctor.add_argument("--queue", default="", help="the Kueue LocalQueue runs will use")
+    doctor.add_argument("--namespace", default=settings.NAMESPACE)
+    doctor.add_argument("--training-engine", choices=settings.TRAINING_ENGINES,
+                        default=settings.TRAINING_JOB.training_engine)  # fmt: skip
+    doctor.add_argument("--queue-name", default=settings.TRAINING_JOB.queue_name,
+                        help="the Kueue LocalQueue runs will use")  # fmt: skip
     doctor.add_argument(
         "--mlflow-uri", default="", help="default: $MLFLOW_TRACKING_URI, else in-cluster"
     )
@@ -299,9 +337,11 @@ def add_ops_commands(sub) -> None:
     rollout = sub.add_parser(
         "rollout", help="point a KServe InferenceService at a registered version (the champion)"
     )
-    rollout.add_argument("--service", default="cellseg", help="InferenceService name")
-    rollout.add_argument("--namespace", default=cluster.NAMESPACE)
-    rollout.add_argument("--model-name", default="cellseg", help="registered model")
+    rollout.add_argument("--service", default=settings.INFERENCE_SERVICE,
+                         help="InferenceService name")  # fmt: skip
+    rollout.add_argument("--namespace", default=settings.NAMESPACE)
+    rollout.add_argument("--model-name", default=settings.REGISTERED_MODEL,
+                         help="registered model")  # fmt: skip
     rollout.add_argument("--version", default="champion", help="an alias or a version number")
     rollout.add_argument(
         "--canary", type=int, default=0, metavar="PERCENT", help="1..99: a canary share; 0: all"

@@ -31,3 +31,10 @@ class InputError(CellsegError, ValueError):
 
 class JobFailed(CellsegError):
     """A training job on the cluster failed, was rejected, or did not finish in time."""
+
+
+def one_line(value: object) -> str:
+    """``value`` (a message or an exception) on one line: whitespace runs collapsed; an
+    exception without a message gives its type's name."""
+    text = " ".join(str("" if value is None else value).split())
+    return text or (type(value).__name__ if isinstance(value, BaseException) else "")

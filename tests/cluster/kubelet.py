@@ -11,6 +11,7 @@ restart) and see what the client asks for on reconnect.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import ssl
 import subprocess
@@ -169,3 +170,14 @@ class FakeKubelet:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@contextlib.contextmanager
+def kubelet_on_node(server, workdir: Path, node: str):
+    """A :class:`FakeKubelet` registered as ``node``'s kubelet, closed on exit."""
+    fake = FakeKubelet(workdir)
+    Kubelet(server).node(node, fake.port)
+    try:
+        yield fake
+    finally:
+        fake.close()

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from cellseg.cluster.jobs import ENGINES, build_job
-from cellseg.ops.steps import step_pod
+from cellseg.steps.train import step_pod
 from tests.cluster.conftest import NAMESPACE, PIPELINE_SA, REPO, kubeconfig
 from tests.cluster.test_launcher import Operator, spec
 
@@ -29,7 +29,7 @@ def test_sigterm_deletes_the_job_within_seconds(installed, tmp_path, engine):
     config.write_text(yaml.safe_dump(kubeconfig(installed.url, installed.tokens[PIPELINE_SA])))
     env = {**os.environ, "KUBECONFIG": str(config), "PYTHONPATH": f"{REPO / 'src'}:{REPO}"}
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "cellseg.cli", "launch", "--engine", engine, "--name", name,
+        [sys.executable, "-m", "cellseg.cli", "launch", "--training-engine", engine, "--name", name,
          "--namespace", NAMESPACE, "--image", "reg.example/cellseg:abc"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -71,7 +71,7 @@ def test_the_job_is_owned_by_the_steps_pod_and_a_retry_takes_it_over(installed, 
     for pod in pods:  # the downward API's POD_NAME / POD_UID, read by the step
         monkeypatch.setenv("POD_NAME", pod.metadata.name)
         monkeypatch.setenv("POD_UID", pod.metadata.uid)
-        job = runner.submit(build_job(engine, spec(name, owner_pod=step_pod())))
+        job = runner.submit(build_job(spec(name, owner_pod=step_pod(), engine=engine)))
         owners.append(job["metadata"]["ownerReferences"])
     first, second = ([(o["kind"], o["name"], o["uid"]) for o in refs] for refs in owners)
     assert first == [("Pod", pods[0].metadata.name, pods[0].metadata.uid)]
@@ -89,5 +89,5 @@ def test_finished_trainjobs_jobsets_have_a_ttl(installed):
         "-o", "jsonpath={.spec.template.spec.ttlSecondsAfterFinished}",
     )  # fmt: skip
     assert ttl.stdout == "604800"  # a week, as PyTorchJobs' ttlSecondsAfterFinished
-    pytorchjob = build_job("pytorchjob", spec("ttl"))
+    pytorchjob = build_job(spec("ttl", engine="pytorchjob"))
     assert pytorchjob["spec"]["runPolicy"]["ttlSecondsAfterFinished"] == int(ttl.stdout)

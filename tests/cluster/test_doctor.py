@@ -12,8 +12,8 @@ import threading
 
 import pytest
 
-from cellseg.cluster import names as cluster
-from cellseg.cluster.doctor import Settings, blockers, run_checks
+from cellseg import settings as cluster
+from cellseg.cluster.doctor import DoctorOptions, blockers, run_checks
 from tests.cluster.conftest import NAMESPACE, REPO
 
 pytestmark = pytest.mark.cluster
@@ -49,7 +49,7 @@ def failed(results) -> dict[str, str]:
 
 def test_a_bare_namespace_fails_and_each_missing_piece_is_named(installed, mlflow_uri):
     installed.kubectl("create", "namespace", "doctor-bare")
-    settings = Settings(namespace="doctor-bare", engine="trainjob", mlflow_uri=mlflow_uri)
+    settings = DoctorOptions(namespace="doctor-bare", engine="trainjob", mlflow_uri=mlflow_uri)
     results = run_checks(installed.client("admin"), settings)
     missing = failed(results)
     assert missing["TrainingRuntime doctor-bare/cellseg-torch"] == "missing", lines(results)
@@ -68,7 +68,7 @@ def test_the_deployed_namespace_passes_once_its_secret_exists_and_volumes_bind(
     installed, mlflow_uri
 ):
     api = installed.client("admin")
-    settings = Settings(namespace=NAMESPACE, engine="trainjob", mlflow_uri=mlflow_uri)
+    settings = DoctorOptions(namespace=NAMESPACE, engine="trainjob", mlflow_uri=mlflow_uri)
     before = failed(run_checks(api, settings))
     assert f"Secret {NAMESPACE}/{cluster.HF_TOKEN_SECRET} (key HF_TOKEN)" in before
     installed.kubectl("-n", NAMESPACE, "create", "secret", "generic", cluster.HF_TOKEN_SECRET,
@@ -83,14 +83,14 @@ def test_the_deployed_namespace_passes_once_its_secret_exists_and_volumes_bind(
         )
     for engine in ("trainjob", "pytorchjob"):
         results = run_checks(
-            api, Settings(namespace=NAMESPACE, engine=engine, mlflow_uri=mlflow_uri)
+            api, DoctorOptions(namespace=NAMESPACE, engine=engine, mlflow_uri=mlflow_uri)
         )
         assert [r for r in results if not r.ok] == [], lines(results)
 
 
 def test_a_queue_needs_its_local_queue_and_its_cluster_queue(installed, mlflow_uri, tmp_path):
     api = installed.client("admin")
-    settings = Settings(namespace=NAMESPACE, queue_name="cellseg-gpu", mlflow_uri=mlflow_uri)
+    settings = DoctorOptions(namespace=NAMESPACE, queue_name="cellseg-gpu", mlflow_uri=mlflow_uri)
     queue = "LocalQueue cellseg/cellseg-gpu (kueue.x-k8s.io/v1beta2)"
     assert queue in failed(run_checks(api, settings))
     local_queue = REPO / "manifests" / "components" / "kueue" / "local-queue.yaml"
@@ -117,7 +117,7 @@ def test_cellseg_doctor_exits_non_zero_and_prints_one_line_per_requirement(insta
     env.pop("KFP_HOST", None)
     result = subprocess.run(
         [sys.executable, "-m", "cellseg.cli", "doctor", "--namespace", "doctor-cli",
-         "--engine", "trainjob", "--mlflow-uri", mlflow_uri],
+         "--training-engine", "trainjob", "--mlflow-uri", mlflow_uri],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2, result.stdout + result.stderr

@@ -78,7 +78,7 @@ def test_the_job_goes_when_the_step_pod_that_owns_it_goes(installed, garbage_col
         pods[role] = core.create_namespaced_pod(NAMESPACE, body)
         owner = (pods[role].metadata.name, pods[role].metadata.uid)
         jobs[role] = f"gc-{engine}-{role}"
-        job = build_job(engine, spec(jobs[role], owner_pod=owner))
+        job = build_job(spec(jobs[role], owner_pod=owner, engine=engine))
         operator.custom.create_namespaced_custom_object(*operator.address(), job)
     core.delete_namespaced_pod(pods["deleted"].metadata.name, NAMESPACE, grace_period_seconds=0)
     assert gone(operator, jobs["deleted"], 60), "the garbage collector left the job"

@@ -16,18 +16,25 @@ import pytest
 from cellseg.cluster.jobs import ENGINES, JobSpec, build_job
 from cellseg.cluster.launch import JobRunner
 from cellseg.errors import JobFailed
+from cellseg.settings import TrainingJobSettings
 from tests.cluster.conftest import NAMESPACE, PIPELINE_SA
 
 pytestmark = pytest.mark.cluster
 ENGINE_NAMES = sorted(ENGINES)
 
 
-def spec(name: str, **overrides) -> JobSpec:
+JOB_FIELDS = set(TrainingJobSettings.__dataclass_fields__)
+
+
+def spec(name: str, engine: str = "pytorchjob", **overrides) -> JobSpec:
+    """A job ``name`` of ``engine``; ``overrides`` are JobSpec or TrainingJobSettings fields."""
+    job = {"image": "reg.example/cellseg:abc", "training_engine": engine}
+    job |= {k: v for k, v in overrides.items() if k in JOB_FIELDS}
     values = dict(
-        name=name, image="reg.example/cellseg:abc", namespace=NAMESPACE,
+        name=name, namespace=NAMESPACE, job=TrainingJobSettings(**job),
         train_args=("--phase", "1", "--data", "/mnt/checkpoints/r/dataset"),
     )  # fmt: skip
-    return JobSpec(**{**values, **overrides})
+    return JobSpec(**values | {k: v for k, v in overrides.items() if k not in JOB_FIELDS})
 
 
 class Operator:
@@ -113,7 +120,7 @@ def runner_for(installed):
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_created_running_succeeded_returns(installed, runner_for, engine):
     name = f"ok-{engine}"
-    job = build_job(engine, spec(name, node_selector={"pool": "h200"}))
+    job = build_job(spec(name, node_selector={"pool": "h200"}, engine=engine))
     thread, outcome = launch_in_thread(runner_for(engine), job, timeout=60)
     operator = Operator(installed, engine)
     stored = operator.wait_for(name)
@@ -131,7 +138,7 @@ def test_created_running_succeeded_returns(installed, runner_for, engine):
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_a_failed_job_raises_with_the_operators_reason_and_message(installed, runner_for, engine):
     name = f"fail-{engine}"
-    thread, outcome = launch_in_thread(runner_for(engine), build_job(engine, spec(name)), 60)
+    thread, outcome = launch_in_thread(runner_for(engine), build_job(spec(name, engine=engine)), 60)
     operator = Operator(installed, engine)
     operator.wait_for(name)
     operator.condition(name, "Failed", "BackoffLimitExceeded", "rank 0 exited with code 1")
@@ -144,7 +151,7 @@ def test_a_failed_job_raises_with_the_operators_reason_and_message(installed, ru
 def test_no_progress_within_the_timeout_deletes_the_job_and_raises(installed, runner_for, engine):
     name = f"slow-{engine}"
     runner = runner_for(engine)
-    thread, outcome = launch_in_thread(runner, build_job(engine, spec(name)), timeout=3)
+    thread, outcome = launch_in_thread(runner, build_job(spec(name, engine=engine)), timeout=3)
     error = finish(thread, outcome, 40).get("error")
     assert isinstance(error, JobFailed) and "not finished 3 s after admission" in str(error)
     assert runner.get(name, NAMESPACE) is None  # deleted, not left to hold GPUs
@@ -157,23 +164,23 @@ def test_a_retried_step_adopts_its_running_job_and_replaces_a_failed_one(
     name = f"retry-{engine}"
     runner = runner_for(engine)
     operator = Operator(installed, engine)
-    first = runner.submit(build_job(engine, spec(name, train_args=("--mlflow-run", "a"))))
+    first = runner.submit(build_job(spec(name, train_args=("--mlflow-run", "a"), engine=engine)))
     operator.condition(name, "Created")
     # the retry: same job but a new MLflow run id -> adopted, not recreated
-    adopted = runner.submit(build_job(engine, spec(name, train_args=("--mlflow-run", "b"))))
+    adopted = runner.submit(build_job(spec(name, train_args=("--mlflow-run", "b"), engine=engine)))
     assert adopted["metadata"]["uid"] == first["metadata"]["uid"]
     operator.condition(name, "Failed", "Evicted", "node drained")
-    replaced = runner.submit(build_job(engine, spec(name, train_args=("--mlflow-run", "c"))))
+    replaced = runner.submit(build_job(spec(name, train_args=("--mlflow-run", "c"), engine=engine)))
     assert replaced["metadata"]["uid"] != first["metadata"]["uid"]
     assert not (replaced.get("status") or {}).get("conditions")
     with pytest.raises(JobFailed, match="is not this job"):  # a different, live job: untouched
-        runner.submit(build_job(engine, spec(name, image="reg.example/other:1")))
+        runner.submit(build_job(spec(name, image="reg.example/other:1", engine=engine)))
     runner.delete(name, NAMESPACE)
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_a_job_the_server_rejects_is_one_line_naming_the_field(runner_for, engine):
-    job = build_job(engine, spec("Not_A_DNS_Name"))
+    job = build_job(spec("Not_A_DNS_Name", engine=engine))
     with pytest.raises(JobFailed) as err:
         runner_for(engine).submit(job)
     message = str(err.value)
@@ -183,7 +190,7 @@ def test_a_job_the_server_rejects_is_one_line_naming_the_field(runner_for, engin
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_a_queued_job_waits_and_the_timeout_counts_from_admission(installed, runner_for, engine):
     name = f"queued-{engine}"
-    job = build_job(engine, spec(name, queue_name="cellseg-gpu"))
+    job = build_job(spec(name, queue_name="cellseg-gpu", engine=engine))
     thread, outcome = launch_in_thread(runner_for(engine), job, timeout=4, queue_timeout=60)
     operator = Operator(installed, engine)
     operator.wait_for(name)
@@ -199,7 +206,7 @@ def test_a_queued_job_waits_and_the_timeout_counts_from_admission(installed, run
 def test_a_job_never_admitted_says_it_expired_while_queued(installed, runner_for, engine):
     name = f"stuck-{engine}"
     runner = runner_for(engine)
-    job = build_job(engine, spec(name, queue_name="cellseg-gpu"))
+    job = build_job(spec(name, queue_name="cellseg-gpu", engine=engine))
     thread, outcome = launch_in_thread(runner, job, timeout=60, queue_timeout=3)
     error = finish(thread, outcome, 40).get("error")
     assert isinstance(error, JobFailed), outcome
@@ -216,7 +223,7 @@ def test_an_expired_watch_is_resynced_not_fatal(installed, runner_for):
     engine, name = "trainjob", "expired-watch"
     runner = runner_for(engine)
     operator = Operator(installed, engine)
-    old = runner.submit(build_job(engine, spec(name)))
+    old = runner.submit(build_job(spec(name, engine=engine)))
     for ctype in ("Created", "Created", "Created"):
         operator.condition(name, ctype)  # newer revisions...
     time.sleep(5)  # ...and two compactions (every 2 s) drop the old one
@@ -292,7 +299,7 @@ def test_a_dropped_connection_while_waiting_is_survived(installed, runner_for):
     proxy = Proxy(port)
     try:
         runner = runner_for(engine, url=f"https://127.0.0.1:{proxy.port}", poll=3.0)
-        thread, outcome = launch_in_thread(runner, build_job(engine, spec(name)), timeout=60)
+        thread, outcome = launch_in_thread(runner, build_job(spec(name, engine=engine)), timeout=60)
         operator = Operator(installed, engine)
         operator.wait_for(name)
         time.sleep(1)  # the launcher is inside its watch now

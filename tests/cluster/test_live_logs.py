@@ -15,7 +15,7 @@ from cellseg.cluster.jobs import ENGINES, build_job
 from cellseg.cluster.launch import JobRunner
 from cellseg.cluster.logs import Collapser, LogFollower, pod_log_stream
 from tests.cluster.conftest import NAMESPACE, PIPELINE_SA
-from tests.cluster.kubelet import FakeKubelet, Kubelet, log_stamp
+from tests.cluster.kubelet import Kubelet, kubelet_on_node, log_stamp
 from tests.cluster.test_launcher import Operator, finish, launch_in_thread, spec
 
 pytestmark = pytest.mark.cluster
@@ -24,10 +24,8 @@ NODE = "gpu-node-logs"
 
 @pytest.fixture(scope="module")
 def kubelet(installed, tmp_path_factory):
-    fake = FakeKubelet(tmp_path_factory.mktemp("kubelet"))
-    Kubelet(installed).node(NODE, fake.port)
-    yield fake
-    fake.close()
+    with kubelet_on_node(installed, tmp_path_factory.mktemp("kubelet"), NODE) as fake:
+        yield fake
 
 
 def lines(stamp_ago: float, *texts: str) -> bytes:
@@ -110,7 +108,7 @@ def test_the_launcher_streams_rank_0s_log_while_the_job_runs(installed, kubelet)
     kubelet.scripts[(pod, e.container)] = [[(lines(0, "rank 0: step 1", "rank 0: step 2"), 30)]]
     out = io.StringIO()
     runner = JobRunner(e, installed.client(PIPELINE_SA), poll_seconds=1, out=out)
-    thread, outcome = launch_in_thread(runner, build_job(engine, spec(name)), timeout=60)
+    thread, outcome = launch_in_thread(runner, build_job(spec(name, engine=engine)), timeout=60)
     operator = Operator(installed, engine)
     operator.wait_for(name)
     Kubelet(installed).pod(pod, {e.pod_label: name}, e.container, node=NODE)

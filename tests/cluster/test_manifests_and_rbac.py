@@ -1,5 +1,5 @@
 """The manifests against a real API server: CRDs install, every overlay is accepted (server-side
-dry run, then for real), and RBAC grants what the README says and nothing more."""
+dry run, then for real), and RBAC grants what docs/training-jobs.md says and nothing more."""
 
 import pytest
 import yaml
@@ -104,7 +104,8 @@ def test_the_local_queue_is_kueue_v1beta2_and_accepted_by_kueue_0_19(installed):
 def test_the_runs_account_may_do_what_kfp_does_in_a_step_and_no_more(installed):
     """cellseg-kfp-steps: Argo's task results, the kfp-launcher ConfigMap, one Secret by name.
     (A SelfSubjectAccessReview as the account: kubectl's can-i needs Argo's CRD installed.)"""
-    from cellseg.cluster.doctor import _access, as_user
+    from cellseg.cluster.api_calls import ApiCall
+    from cellseg.cluster.doctor import allowed, as_user
 
     api = as_user(installed.client("admin"), PIPELINE_SA)
 
@@ -120,7 +121,7 @@ def test_the_runs_account_may_do_what_kfp_does_in_a_step_and_no_more(installed):
         answer = client.AuthorizationV1Api(api).create_self_subject_access_review(review)
         return answer.status.allowed
 
-    assert _access(api, NAMESPACE, "argoproj.io", "workflowtaskresults", "", "create")
+    assert allowed(api, NAMESPACE, ApiCall("create", "workflowtaskresults", "argoproj.io"))
     assert may("patch", "argoproj.io", "workflowtaskresults")
     assert not may("create", "argoproj.io", "workflowtaskresults", namespace="default")
     assert may("get", "", "configmaps", name="kfp-launcher")

@@ -43,7 +43,7 @@ def kubelet(installed, tmp_path_factory):
 
 def running_job(installed, runner, engine: str, name: str, node: str = ""):
     """A job the operator has started, with its rank-0 pod; returns (thread, outcome, pod)."""
-    thread, outcome = launch_in_thread(runner, build_job(engine, spec(name)), timeout=120)
+    thread, outcome = launch_in_thread(runner, build_job(spec(name, engine=engine)), timeout=120)
     operator = Operator(installed, engine)
     operator.wait_for(name)
     operator.condition(name, "Running" if engine == "pytorchjob" else "Created")
@@ -94,7 +94,7 @@ def test_an_unschedulable_pod_fails_after_the_pending_timeout_with_the_scheduler
 def test_a_job_queued_by_kueue_is_waiting_not_unschedulable(installed, runner_for):
     engine, name = "pytorchjob", "gated"
     runner = runner_for(engine, pending_timeout_seconds=1)
-    job = build_job(engine, spec(name, queue_name="cellseg-gpu"))
+    job = build_job(spec(name, queue_name="cellseg-gpu", engine=engine))
     thread, outcome = launch_in_thread(runner, job, timeout=120, queue_timeout=120)
     Operator(installed, engine).wait_for(name)
     pod = f"{name}-master-0"

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from cellseg.cluster.api_calls import KUEUE_GROUP, KUEUE_VERSION
 from cellseg.cluster.jobs import ENGINES, build_job
 from cellseg.cluster.launch import JobRunner
 from cellseg.errors import JobFailed
@@ -51,9 +52,9 @@ def suspend(operator: Operator, name: str) -> None:
 def evicted_workload(operator: Operator, name: str) -> None:
     """The job's Workload as Kueue writes it when another workload preempts it."""
     job = operator.wait_for(name)
-    address = ("kueue.x-k8s.io", "v1beta1", NAMESPACE, "workloads")
+    address = (KUEUE_GROUP, KUEUE_VERSION, NAMESPACE, "workloads")  # as Kueue 0.19 stores it
     workload = {
-        "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload",
+        "apiVersion": f"{KUEUE_GROUP}/{KUEUE_VERSION}", "kind": "Workload",
         "metadata": {"name": f"{operator.engine.name}-{name}-1a2b3",
                      "labels": {"kueue.x-k8s.io/job-uid": job["metadata"]["uid"]}},
         "spec": {"queueName": "cellseg-gpu", "podSets": [{
@@ -75,7 +76,7 @@ def evicted_workload(operator: Operator, name: str) -> None:
 def test_a_preempted_job_waits_and_its_deadline_restarts_on_readmission(kueue_workloads, engine):
     name = f"preempted-{engine}"
     r = runner(kueue_workloads, engine)
-    job = build_job(engine, spec(name, queue_name="cellseg-gpu"))
+    job = build_job(spec(name, queue_name="cellseg-gpu", engine=engine))
     thread, outcome = launch_in_thread(r, job, timeout=5, queue_timeout=60)
     operator = Operator(kueue_workloads, engine)
     operator.wait_for(name)
@@ -98,7 +99,7 @@ def test_a_preempted_job_waits_and_its_deadline_restarts_on_readmission(kueue_wo
 def test_the_queue_timeout_counts_from_the_last_suspension(kueue_workloads):
     engine, name = "trainjob", "requeued"
     r = runner(kueue_workloads, engine)
-    job = build_job(engine, spec(name, queue_name="cellseg-gpu"))
+    job = build_job(spec(name, queue_name="cellseg-gpu", engine=engine))
     thread, outcome = launch_in_thread(r, job, timeout=60, queue_timeout=5)
     operator = Operator(kueue_workloads, engine)
     operator.wait_for(name)
@@ -121,7 +122,7 @@ def test_a_missing_crd_is_one_line_naming_the_api_and_what_to_do(installed, engi
     unserved = dataclasses.replace(ENGINES[engine], version="v9")
     r = JobRunner(unserved, installed.client(PIPELINE_SA), out=io.StringIO())
     with pytest.raises(JobFailed) as err:
-        r.submit(build_job(engine, spec(f"nocrd-{engine}")))
+        r.submit(build_job(spec(f"nocrd-{engine}", engine=engine)))
     message = str(err.value)
     assert "\n" not in message
     assert f"{unserved.kind} ({unserved.group}/v9 {unserved.plural}) is not served" in message
@@ -132,7 +133,7 @@ def test_a_missing_crd_is_one_line_naming_the_api_and_what_to_do(installed, engi
 def test_a_request_to_a_missing_namespace_is_not_called_a_missing_crd(installed):
     r = JobRunner(ENGINES["trainjob"], installed.client("admin"), out=io.StringIO())
     with pytest.raises(Exception) as err:
-        r.submit(build_job("trainjob", spec("nowhere", namespace="no-such-namespace")))
+        r.submit(build_job(spec("nowhere", namespace="no-such-namespace", engine="trainjob")))
     assert "is not served" not in str(err.value)
 
 
@@ -140,7 +141,17 @@ def test_a_request_to_a_missing_namespace_is_not_called_a_missing_crd(installed)
 def test_cpu_memory_and_shm_per_node_reach_the_server(installed, engine):
     name = f"sizes-{engine}"
     r = runner(installed, engine)
-    stored = r.submit(build_job(engine, spec(name, cpu="30", memory="200Gi", shm="48Gi")))
+    stored = r.submit(
+        build_job(
+            spec(
+                name,
+                train_cpu_per_node="30",
+                train_memory_per_node="200Gi",
+                train_shm_per_node="48Gi",
+                engine=engine,
+            )
+        )
+    )
     text = json.dumps(stored["spec"])
     assert '"cpu": "30"' in text and '"memory": "200Gi"' in text
     assert '"sizeLimit": "48Gi"' in text  # the TrainJob's through its runtime patch

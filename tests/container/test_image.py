@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cellseg.cluster.images import detect_engine, inspector
+from images.build import detect_engine, inspector
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.container
@@ -73,7 +73,7 @@ def image(engine) -> str:
     canary = CACHE / f"{tag.rsplit(':', 1)[-1]}-canary.pem"
     exists = subprocess.run([engine, "image", "inspect", tag], capture_output=True).returncode == 0
     if not (exists and canary.is_file()):
-        cmd = [sys.executable, "-m", "cellseg.cluster.images", "build", "--tag", tag]
+        cmd = [sys.executable, "-m", "images.build", "build", "--tag", tag]
         if os.environ.get("CELLSEG_BASE_IMAGE"):
             cmd += ["--base", os.environ["CELLSEG_BASE_IMAGE"]]
         env = {**os.environ, "CA_BUNDLE": str(canary_bundle(tag))}
@@ -154,7 +154,7 @@ def test_a_step_that_fails_in_a_container_fails_its_pipeline(engine, image, tmp_
     code = f"""
 import sys
 from kfp import dsl, local
-from cellseg.cluster.local_containers import docker_api, docker_runner
+from pipelines.local_containers import docker_api, docker_runner
 
 @dsl.component(base_image={image!r}, install_kfp_package=False)
 def fails():
@@ -204,7 +204,7 @@ def strip_ansi(text: str) -> str:
 def test_the_pipeline_runs_with_every_step_in_the_image(image, tmp_path):
     """`make pipeline-run RUNNER=container` on a few synthetic images: every step in a container
     as uid 1000, the same summary as the subprocess runner."""
-    from cellseg.cluster.local_containers import docker_api
+    from pipelines.local_containers import docker_api
     from pipelines.run_local import run_local, summary
     from tests.conftest import TINY, synthetic_samples, write_voc
 

@@ -19,7 +19,9 @@ from PIL import Image
 
 from cellseg.classes import CLASS_NAMES
 from cellseg.evaluation.inference import Predictor, predict_batch
-from cellseg.ops.registry import CHAMPION, instance_rows, promote, register
+from cellseg.registry.champion import CHAMPION
+from cellseg.registry.promotion import promote, register
+from cellseg.serving.payload import instance_rows
 from cellseg.serving.rollout import PROXIED_ARTIFACTS, champion_storage_uri
 from tests.integration.conftest import free_port
 from tests.integration.test_mlflow_registry import fake_metrics, new_run

@@ -20,16 +20,9 @@ from PIL import Image
 from cellseg.classes import CLASS_NAMES
 from cellseg.evaluation.evaluate import evaluate
 from cellseg.evaluation.inference import Predictor
-from cellseg.ops.baseline import Baseline, score_champion
-from cellseg.ops.model_ref import resolve_checkpoint
-from cellseg.ops.registry import (
-    CHALLENGER,
-    CHAMPION,
-    CHAMPION_MOVED,
-    LOCK_SUFFIX,
-    promote,
-    register,
-)
+from cellseg.model.reference import resolve_checkpoint
+from cellseg.registry.champion import CHALLENGER, CHAMPION, ChampionScore, score_champion
+from cellseg.registry.promotion import CHAMPION_MOVED, LOCK_SUFFIX, promote, register
 from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -119,7 +112,7 @@ def test_register_alias_load_by_alias_and_predict_on_a_bccd_image(
         )
         with urllib.request.urlopen(request, timeout=120) as answer:
             served = json.loads(answer.read())["predictions"]
-        # the README's curl line: the JPEG itself, base64, ~30x smaller than its pixel values
+        # docs/serving.md's curl line: the JPEG itself, base64, ~30x smaller than its pixel values
         jpeg = (bccd_source / "JPEGImages" / "BloodImage_00000.jpg").read_bytes()
         body = json.dumps({"inputs": [base64.b64encode(jpeg).decode()] * 2}).encode()
         request.data = body
@@ -147,10 +140,10 @@ def test_promotion_gate_both_ways_and_forced(mlflow_uri, checkpoint, model_name)
 
     def reg(metrics, force=False):
         champion = champion_now(model_name) if scores else ""
-        baseline = Baseline(champion, scores.get(champion))
+        baseline = ChampionScore(champion, scores.get(champion))
         version, decision = register(
             new_run(), checkpoint, metrics, example, model_name, tolerance=0.05, force=force,
-            baseline=baseline,
+            champion=baseline,
         )  # fmt: skip
         scores[version] = metrics
         if decision.promote:
@@ -211,7 +204,7 @@ def test_the_gate_decides_on_the_champions_fresh_score_not_its_stored_tag(
         challenger,
         example,
         model_name,
-        baseline=baseline,
+        champion=baseline,
         data_md5="abc.dir",
     )
     assert decision.promote, decision.reasons
@@ -236,13 +229,13 @@ def test_an_unloadable_champion_is_named_in_one_line_and_only_force_promotes(
     assert baseline.error and "\n" not in baseline.error
     example = np.zeros((32, 32, 3), np.uint8)
     _, decision = register(
-        new_run(), checkpoint, fake_metrics(0.5), example, model_name, baseline=baseline
+        new_run(), checkpoint, fake_metrics(0.5), example, model_name, champion=baseline
     )
     assert not decision.promote and len(decision.reasons) == 1
     assert f"champion v{gone.version} could not be loaded" in decision.reasons[0]
     assert "only force_promote promotes" in decision.reasons[0]
     forced, decision = register(
-        new_run(), checkpoint, fake_metrics(0.5), example, model_name, baseline=baseline,
+        new_run(), checkpoint, fake_metrics(0.5), example, model_name, champion=baseline,
         force=True,
     )  # fmt: skip
     assert decision.promote and decision.forced
@@ -257,9 +250,9 @@ def test_two_overlapping_promotions_cannot_both_win(mlflow_uri, checkpoint, mode
     example = np.zeros((32, 32, 3), np.uint8)
     v1, _ = register(new_run(), checkpoint, fake_metrics(0.40), example, model_name)
     promote(v1, "", model_name)
-    old = Baseline(v1, fake_metrics(0.40))
-    a, da = register(new_run(), checkpoint, fake_metrics(0.50), example, model_name, baseline=old)
-    b, db = register(new_run(), checkpoint, fake_metrics(0.60), example, model_name, baseline=old)
+    old = ChampionScore(v1, fake_metrics(0.40))
+    a, da = register(new_run(), checkpoint, fake_metrics(0.50), example, model_name, champion=old)
+    b, db = register(new_run(), checkpoint, fake_metrics(0.60), example, model_name, champion=old)
     assert da.promote and db.promote  # each beats v1
 
     start, results = threading.Barrier(2), {}
@@ -283,7 +276,7 @@ def test_two_overlapping_promotions_cannot_both_win(mlflow_uri, checkpoint, mode
     assert json.loads(tags["promotion.reasons"])[0].startswith(CHAMPION_MOVED)
 
     # a third run, also compared against v1, finishes later: it does not overwrite either
-    c, dc = register(new_run(), checkpoint, fake_metrics(0.70), example, model_name, baseline=old)
+    c, dc = register(new_run(), checkpoint, fake_metrics(0.70), example, model_name, champion=old)
     assert dc.promote and not promote(c, v1, model_name).promote
     assert champion_now(model_name) == moved[0]
     # the lock is released every time

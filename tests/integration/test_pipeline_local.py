@@ -5,8 +5,9 @@ import json
 import mlflow
 import pytest
 
-from cellseg.ops.compare import compare, pipeline_runs, plot_history
-from cellseg.ops.registry import CHALLENGER, CHAMPION, MODEL_NAME
+from cellseg.registry.champion import CHALLENGER, CHAMPION
+from cellseg.registry.compare import compare, pipeline_runs, plot_history
+from cellseg.settings import REGISTERED_MODEL as MODEL_NAME
 from pipelines.run_local import run_local, summary
 from tests.conftest import TINY, synthetic_samples, write_voc
 

@@ -19,8 +19,9 @@ import pytest
 import yaml
 
 from cellseg.data.source import read_dvc_pointer
-from cellseg.ops.compare import compare
-from cellseg.ops.registry import CHAMPION, MODEL_NAME
+from cellseg.registry.champion import CHAMPION
+from cellseg.registry.compare import compare
+from cellseg.settings import REGISTERED_MODEL as MODEL_NAME
 from pipelines.run_local import executor_output, run_local, summary
 from tests.conftest import TINY
 
@@ -110,7 +111,8 @@ def test_a_new_data_revision_retrains_rescores_the_champion_and_gates_like_with_
 
     # both models scored on revision 2's test split
     challenger = json.loads((run2 / "evaluate" / "report_files" / "metrics.json").read_text())
-    baseline = json.loads((run2 / "score-champion" / "baseline" / "baseline.json").read_text())
+    champion_file = run2 / "score-champion" / "champion_score" / "champion_score.json"
+    baseline = json.loads(champion_file.read_text())
     assert baseline["version"] == reg1["version"] and not baseline["error"]
     assert challenger["images"] == baseline["metrics"]["images"] == SPLITS["test"]
 

@@ -19,7 +19,7 @@ def test_the_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
         tmp_path / "voc", samples, {"train": stems[:4], "val": stems[4:6], "test": stems[6:]}
     )
     out = tmp_path / "check"
-    cmd = [sys.executable, "-m", "cellseg.gpu_check", "--quick", "--source", str(voc),
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--quick", "--source", str(voc),
            "--out", str(out), "--steps", "2", "--epochs", "2", "--subset", "4"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -173,14 +173,13 @@ def test_predict_records_every_instance_with_its_class(dataset, tmp_path):
 def test_the_profiles_post_processing_travels_with_the_checkpoint(dataset, tmp_path):
     """`local` chose its post-processing on val; the predictor built from its checkpoint uses
     it, an override travels the same way, and `uni-gpu` keeps HoVer-Net's defaults."""
-    from cellseg.evaluation.inference import SAVED_PARAMS
-    from cellseg.evaluation.postprocess import PostprocessParams
+    from cellseg.model.postprocess_params import POSTPROCESS_KEYS, PostprocessParams
     from cellseg.training.config import load_config
     from cellseg.training.loop import train
     from tests.conftest import TINY
 
     def chosen(params_or_config) -> dict:
-        return {k: getattr(params_or_config, k) for k in SAVED_PARAMS}
+        return {k: getattr(params_or_config, k) for k in POSTPROCESS_KEYS}
 
     uni, default = load_config("uni-gpu", 1), PostprocessParams()
     assert chosen(uni) == chosen(default)  # the UNI path is unchanged

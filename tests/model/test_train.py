@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from cellseg.model.checkpoint import load_checkpoint
-from cellseg.ops.steps import TrainRequest, training_command
+from cellseg.settings import TrainingJobSettings
+from cellseg.steps.train import TrainRequest, training_command
 from cellseg.training.config import load_config
 from cellseg.training.loop import EarlyStopping, train
 from tests.conftest import TINY
@@ -182,7 +183,7 @@ def test_two_process_gloo_ddp_equals_one_process_on_the_same_global_batch(datase
             phase=1,
             profile="local",
             overrides=(*common, f"batch_size={batch_size}"),
-            gpus_per_node=processes,
+            job=TrainingJobSettings(gpus_per_node=processes),
         )
         cmd = training_command(request, dataset, out, None, None)
         assert ("torch.distributed.run" in cmd) == (processes > 1)
@@ -219,7 +220,7 @@ def test_a_killed_ddp_worker_fails_the_run_and_a_restart_resumes_and_finishes(da
         phase=1,
         profile="local",
         overrides=(*TINY, "epochs=4", "limit_train_images=6"),
-        gpus_per_node=2,
+        job=TrainingJobSettings(gpus_per_node=2),
     )
     cmd = training_command(request, dataset, out, None, None)
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cellseg.cluster import crds
+from tests import crds
 from tests.crds import crd
 
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from cellseg.cluster.doctor import Settings, check_kfp, check_mlflow, parse_version
+from cellseg.cluster.doctor import DoctorOptions, check_kfp, check_mlflow, parse_version
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def healthz(tag: str, multi_user: bool = True) -> tuple[int, str]:
 def test_the_kfp_backend_must_be_2_5_or_later(server, tag, ok):
     url, answers = server
     answers["/pipeline/apis/v2beta1/healthz"] = healthz(tag)
-    result = check_kfp(Settings(kfp_host=f"{url}/pipeline", kfp_token="t0k"))
+    result = check_kfp(DoctorOptions(kfp_host=f"{url}/pipeline", kfp_token="t0k"))
     assert result.ok is ok and result.blocker
     assert "multi-user" in result.detail
     assert answers["auth"] == "Bearer t0k"
@@ -54,16 +54,16 @@ def test_the_kfp_backend_must_be_2_5_or_later(server, tag, ok):
 def test_an_unknown_kfp_version_is_a_warning_and_no_kfp_host_no_check(server):
     url, answers = server
     answers["/apis/v2beta1/healthz"] = healthz("dev", multi_user=False)
-    result = check_kfp(Settings(kfp_host=url))
+    result = check_kfp(DoctorOptions(kfp_host=url))
     assert not result.ok and not result.blocker and result.line().startswith("WARN")
-    assert check_kfp(Settings(kfp_host="")) is None
+    assert check_kfp(DoctorOptions(kfp_host="")) is None
     assert parse_version("2.5.0-rc.1") == (2, 5, 0)
 
 
 def test_mlflow_health_passes_on_ok_and_fails_with_the_status(server):
     url, answers = server
     answers["/health"] = (200, "OK")
-    assert check_mlflow(None, Settings(mlflow_uri=url)).ok
+    assert check_mlflow(None, DoctorOptions(mlflow_uri=url)).ok
     answers["/health"] = (503, "")
-    result = check_mlflow(None, Settings(mlflow_uri=url))
+    result = check_mlflow(None, DoctorOptions(mlflow_uri=url))
     assert not result.ok and "HTTP 503" in result.detail and result.line().startswith("FAIL")

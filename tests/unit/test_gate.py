@@ -6,9 +6,8 @@ from PIL import Image
 
 from cellseg.classes import CLASS_NAMES
 from cellseg.evaluation.report import html_report, square_confusion
-from cellseg.ops.baseline import Baseline
-from cellseg.ops.gate_report import decision_markdown
-from cellseg.ops.registry import decide, gate_tags, metric_tags
+from cellseg.registry.champion import ChampionScore
+from cellseg.registry.gate import decide, decision_markdown, gate_tags, metric_tags
 
 
 def tags(pq: float) -> dict[str, str]:
@@ -26,7 +25,7 @@ def test_an_unloadable_champion_keeps_the_challenger_unless_forced():
 
 
 def test_gate_tags_hold_both_scores_both_versions_and_the_md5():
-    baseline = Baseline(
+    baseline = ChampionScore(
         "4", {"pq": 0.3, "box_map50": 0.3, "per_class": {c: {"pq": 0.3} for c in CLASS_NAMES}}
     )
     out = gate_tags("7", tags(0.5), baseline, "abc.dir")
@@ -36,7 +35,7 @@ def test_gate_tags_hold_both_scores_both_versions_and_the_md5():
     )
     assert out["gate.champion_test_pq_WBC"] == "0.300000" and out["gate.data_md5"] == "abc.dir"
     assert (
-        gate_tags("1", tags(0.5), Baseline("2", None, "x"), "")["gate.champion_test_pq"]
+        gate_tags("1", tags(0.5), ChampionScore("2", None, "x"), "")["gate.champion_test_pq"]
         == "unloadable"
     )
 

@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cellseg.cluster import names as cluster
+from cellseg import settings as cluster
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -239,7 +239,7 @@ def test_shared_volumes_are_read_write_many(objects):
 
 def test_the_training_runtime_mounts_what_the_pytorchjob_mounts(objects):
     """The TrainingRuntime (YAML) and the PyTorchJob builder (code) describe the same pods:
-    same volumes, mounts, service account and security, from the names in cellseg.cluster.names."""
+    same volumes, mounts, service account and security, from the names in cellseg.settings."""
     from cellseg.cluster.jobs import (
         CONTAINER_SECURITY,
         POD_LABELS,

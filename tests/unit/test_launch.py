@@ -17,7 +17,13 @@ from cellseg.cluster.jobs import (
     job_key,
     job_name,
 )
+from cellseg.settings import TrainingJobSettings
 from tests.crds import crd
+
+
+def job_spec(name="j", train_args=(), **job) -> JobSpec:
+    """A JobSpec whose job settings are ``job`` (TrainingJobSettings fields)."""
+    return JobSpec(name=name, train_args=tuple(train_args), job=TrainingJobSettings(**job))
 
 
 def load_schema(name: str, version: str) -> dict:
@@ -73,39 +79,34 @@ def admission_errors(job: dict) -> list[str]:
 
 
 SHAPES = {
-    "one node": dict(nodes=1, gpus_per_node=1),
+    "one node": dict(num_nodes=1, gpus_per_node=1),
     "three nodes with tolerations": dict(
-        nodes=3,
+        num_nodes=3,
         gpus_per_node=8,
         node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
         tolerations=({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},),
     ),
     "two nodes without tolerations": dict(
-        nodes=2, gpus_per_node=4, node_selector={}, tolerations=()
+        num_nodes=2, gpus_per_node=4, node_selector={}, tolerations=()
     ),
 }
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_every_job_shape_validates_against_the_crd_and_the_webhook_rules(crd_schema, shape):
-    spec = JobSpec(
-        name="cellseg-x-phase1",
-        image="reg/cellseg:abc",
-        train_args=("--phase", "1"),
-        **SHAPES[shape],
-    )
+    spec = job_spec("cellseg-x-phase1", ("--phase", "1"), image="reg/cellseg:abc", **SHAPES[shape])
     job = build_pytorchjob(spec)
     jsonschema.Draft7Validator(crd_schema).validate(job)
     assert unknown_fields(job, crd_schema) == []
     assert admission_errors(job) == []
     replicas = job["spec"]["pytorchReplicaSpecs"]
-    assert replicas.get("Worker", {}).get("replicas", 0) == spec.nodes - 1
-    assert job["spec"]["nprocPerNode"] == str(spec.gpus_per_node)
+    assert replicas.get("Worker", {}).get("replicas", 0) == spec.job.num_nodes - 1
+    assert job["spec"]["nprocPerNode"] == str(spec.job.gpus_per_node)
     pod = replicas["Master"]["template"]["spec"]
-    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == str(spec.gpus_per_node)
-    assert pod["nodeSelector"] == spec.node_selector and pod["tolerations"] == list(
-        spec.tolerations
-    )
+    gpus = pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert gpus == str(spec.job.gpus_per_node)
+    assert pod["nodeSelector"] == spec.job.node_selector
+    assert pod["tolerations"] == list(spec.job.tolerations)
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "cellseg-hf-token"  # a Secret
     assert set(job["spec"]["runPolicy"]) >= {
@@ -121,7 +122,7 @@ def test_job_names_are_distinct_per_run_and_phase_and_dns_safe():
 
 def test_launch_dry_run_prints_a_reviewable_manifest(crd_schema):
     result = subprocess.run(
-        [sys.executable, "-m", "cellseg.cli", "launch", "--dry-run", "--nodes", "2",
+        [sys.executable, "-m", "cellseg.cli", "launch", "--dry-run", "--num-nodes", "2",
          "--gpus-per-node", "4", "--toleration", "nvidia.com/gpu", "--node-selector", "pool=h100"],
         capture_output=True, text=True,
     )  # fmt: skip
@@ -136,24 +137,24 @@ def test_launch_dry_run_prints_a_reviewable_manifest(crd_schema):
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_every_trainjob_shape_validates_against_the_trainer_v2_crd(trainjob_schema, shape):
-    spec = JobSpec(
-        name="cellseg-x-phase1", image="reg/cellseg:abc", train_args=("--phase", "1"),
-        queue_name="gpu-queue", timeout_seconds=7200, **SHAPES[shape],
+    spec = job_spec(
+        "cellseg-x-phase1", ("--phase", "1"), image="reg/cellseg:abc", queue_name="gpu-queue",
+        train_timeout_hours=2, **SHAPES[shape],
     )  # fmt: skip
     job = build_trainjob(spec)
     jsonschema.Draft7Validator(trainjob_schema).validate(job)
     assert unknown_fields(job, trainjob_schema) == []
     trainer = job["spec"]["trainer"]
-    assert trainer["numNodes"] == spec.nodes and "numProcPerNode" not in trainer  # follows GPUs
-    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == str(spec.gpus_per_node)
+    assert trainer["numNodes"] == spec.job.num_nodes and "numProcPerNode" not in trainer  # GPUs
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == str(spec.job.gpus_per_node)
     assert trainer["command"][:4] == ["torchrun", "-m", "cellseg.cli", "train"]
     assert job["spec"]["runtimeRef"] == {
         "apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime", "name": "cellseg-torch",
     }  # fmt: skip
     patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]
     pod = patch["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
-    assert pod["nodeSelector"] == spec.node_selector
-    assert pod["tolerations"] == list(spec.tolerations)
+    assert pod["nodeSelector"] == spec.job.node_selector
+    assert pod["tolerations"] == list(spec.job.tolerations)
     assert job["spec"]["activeDeadlineSeconds"] == 7200
     assert job["metadata"]["labels"][QUEUE_LABEL] == "gpu-queue" and job["spec"]["suspend"]
     env = {e["name"]: e for e in trainer["env"]}
@@ -162,8 +163,9 @@ def test_every_trainjob_shape_validates_against_the_trainer_v2_crd(trainjob_sche
 
 def test_launch_dry_run_prints_a_trainjob_that_validates(trainjob_schema):
     result = subprocess.run(
-        [sys.executable, "-m", "cellseg.cli", "launch", "--dry-run", "--engine", "trainjob",
-         "--nodes", "2", "--gpus-per-node", "4", "--queue", "team-a", "--timeout-hours", "3"],
+        [sys.executable, "-m", "cellseg.cli", "launch", "--dry-run",
+         "--training-engine", "trainjob", "--num-nodes", "2", "--gpus-per-node", "4",
+         "--queue-name", "team-a", "--train-timeout-hours", "3"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -175,19 +177,19 @@ def test_launch_dry_run_prints_a_trainjob_that_validates(trainjob_schema):
 
 
 def test_the_deadline_follows_the_timeout_and_kueue_suspends_a_queued_pytorchjob():
-    spec = JobSpec(name="j", image="i", train_args=(), timeout_seconds=5400, queue_name="q")
+    spec = job_spec(image="i", train_timeout_hours=1.5, queue_name="q")
     job = build_pytorchjob(spec)
     assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 5400
     assert job["spec"]["runPolicy"]["suspend"] and job["metadata"]["labels"][QUEUE_LABEL] == "q"
-    plain = build_pytorchjob(JobSpec(name="j", image="i", train_args=()))
+    plain = build_pytorchjob(job_spec(image="i"))
     assert "suspend" not in plain["spec"]["runPolicy"]
     assert QUEUE_LABEL not in plain["metadata"]["labels"]
 
 
 def test_a_retry_has_the_same_job_key_and_another_image_does_not():
-    spec = JobSpec(name="j", image="i:1", train_args=("--phase", "1", "--mlflow-run", "a"))
-    retry = JobSpec(name="j", image="i:1", train_args=("--phase", "1", "--mlflow-run", "b"))
-    other = JobSpec(name="j", image="i:2", train_args=("--phase", "1", "--mlflow-run", "a"))
+    spec = job_spec("j", ("--phase", "1", "--mlflow-run", "a"), image="i:1")
+    retry = job_spec("j", ("--phase", "1", "--mlflow-run", "b"), image="i:1")
+    other = job_spec("j", ("--phase", "1", "--mlflow-run", "a"), image="i:2")
     assert job_key(spec) == job_key(retry) != job_key(other)
 
 
@@ -200,7 +202,8 @@ def test_every_training_pod_stays_out_of_the_mesh_with_a_seccomp_profile(build, 
     pod without a seccomp profile: every pod template of every job shape is checked."""
     from tests.pods import mesh_and_seccomp_problems, pod_templates
 
-    job = build(JobSpec(name="j", image="i:1", train_args=(), **SHAPES[shape]))
+    job = build(job_spec(image="i:1", **SHAPES[shape]))
     templates = list(pod_templates(job))
-    assert len(templates) == (1 if build is build_trainjob else min(SHAPES[shape]["nodes"], 2))
+    nodes = SHAPES[shape]["num_nodes"]
+    assert len(templates) == (1 if build is build_trainjob else min(nodes, 2))
     assert mesh_and_seccomp_problems(job) == []

@@ -126,10 +126,16 @@ def test_promotion_runs_under_the_gate(committed):
     assert "promote" not in pipeline["root"]["dag"]["tasks"]  # never outside the gate
 
 
-def test_every_pipeline_parameter_is_documented_in_the_readme(committed):
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for name in committed[0]["root"]["inputDefinitions"]["parameters"]:
-        assert f"`{name}`" in readme, name
+def test_every_pipeline_parameter_has_one_row_in_the_docs_parameter_table(committed):
+    lines = (Path(__file__).resolve().parents[2] / "docs" / "pipeline.md").read_text().splitlines()
+    header = lines.index("| parameter | default | meaning |")
+    rows = []
+    for line in lines[header + 2 :]:  # past the header and its `| --- |` line
+        if not line.startswith("|"):
+            break
+        rows.append(line.split("|")[1].strip().strip("`"))
+    assert len(rows) == len(set(rows)), "a parameter has two rows"
+    assert sorted(rows) == sorted(committed[0]["root"]["inputDefinitions"]["parameters"])
 
 
 def output_types(committed, component: str) -> dict[str, str]:
@@ -149,8 +155,8 @@ def test_the_gate_gets_the_champion_scored_on_this_runs_split(committed):
     tasks = committed[0]["root"]["dag"]["tasks"]
     champion = tasks["score-champion"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"]
     assert champion == {"outputArtifactKey": "dataset", "producerTask": "convert"}
-    baseline = tasks["register"]["inputs"]["artifacts"]["baseline"]["taskOutputArtifact"]
-    assert baseline == {"outputArtifactKey": "baseline", "producerTask": "score-champion"}
+    scored = tasks["register"]["inputs"]["artifacts"]["champion_score"]["taskOutputArtifact"]
+    assert scored == {"outputArtifactKey": "champion_score", "producerTask": "score-champion"}
     evaluated = tasks["register"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"]
     assert evaluated == champion  # the same converted split as the challenger's evaluation
 
@@ -170,7 +176,8 @@ def test_training_steps_retry_and_pass_their_pod_and_sizes(committed):
         assert retry["maxRetryCount"] == 2 and retry["backoffDuration"] == "120s"
         assert retry["backoffFactor"] == 2.0
         params = tasks[step]["inputs"]["parameters"]
-        assert params["memory_per_node"]["componentInputParameter"] == "train_memory_per_node"
+        for name in ("train_memory_per_node", "train_timeout_hours", "training_engine"):
+            assert params[name]["componentInputParameter"] == name  # one name end to end
         assert params["pending_timeout_minutes"]["componentInputParameter"] == (
             "pending_timeout_minutes"
         )

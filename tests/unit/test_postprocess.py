@@ -1,13 +1,13 @@
 import numpy as np
 
+from benchmarks.reference import classify_instances_reference
 from cellseg.evaluation.postprocess import (
-    PostprocessParams,
     classify_instances,
-    classify_instances_reference,
     merge_touching,
     postprocess,
     watershed_instances,
 )
+from cellseg.model.postprocess_params import PostprocessParams
 from cellseg.training.targets import hv_maps
 
 
@@ -114,7 +114,7 @@ def test_growing_markers_equals_the_plain_scikit_image_watershed():
 
 
 def test_border_instances_are_ranked_lower_never_dropped():
-    from cellseg.evaluation.postprocess import PostprocessParams, touches_border
+    from cellseg.evaluation.postprocess import touches_border
 
     labels = discs((64, 64), [(6, 6), (32, 40)], 9)  # one cut by the image's corner
     assert touches_border(labels).tolist() == [True, False]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from cellseg.errors import TrainingError
-from cellseg.ops.steps import TrainRequest, train_args, train_step
+from cellseg.steps.train import TrainRequest, train_args, train_step
 from cellseg.training.config import load_config
 
 
@@ -30,11 +30,11 @@ def test_phase2_without_its_input_model_fails_before_anything_runs(tmp_path):
     with pytest.raises(TrainingError, match="Phase 2 needs its input model"):
         train_step(
             TrainRequest(phase=2, profile="local"),
-            tmp_path,
-            tmp_path / "out",
-            None,
-            "r",
-            {},
-            "",
+            data=tmp_path,
+            out=tmp_path / "out",
+            init=None,
+            pipeline_run_id="r",
+            tags={},
+            mlflow_uri="",
         )
     assert not (tmp_path / "out").exists()

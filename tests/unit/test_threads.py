@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from cellseg.threads import cgroup_cpu_quota, cpu_budget, match_torch_threads
+from cellseg.runtime import cgroup_cpu_quota, cpu_budget, match_torch_threads
 
 
 def test_the_cgroup_v2_quota_caps_the_cores(tmp_path):
@@ -40,7 +40,7 @@ def test_torch_threads_follow_the_quota_shared_by_the_nodes_processes(tmp_path, 
 
 
 def test_portable_kernels_are_set_unless_the_user_chose_already():
-    from cellseg.threads import PORTABLE_CPU_KERNELS, portable_cpu_kernels
+    from cellseg.runtime import PORTABLE_CPU_KERNELS, portable_cpu_kernels
 
     env = {"MKL_CBWR": "COMPATIBLE"}
     in_force = portable_cpu_kernels(env)
@@ -52,7 +52,7 @@ def test_portable_kernels_are_set_unless_the_user_chose_already():
 PROBE = """
 import hashlib, sys, torch
 if sys.argv[1] == "pin":
-    from cellseg.threads import portable_cpu_kernels
+    from cellseg.runtime import portable_cpu_kernels
     portable_cpu_kernels()  # after `import torch`, before any computation: still in time
 torch.manual_seed(0); torch.set_num_threads(1)
 conv, lin = torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.Linear(64, 96)
@@ -69,7 +69,7 @@ def probe(mode: str, **env: str) -> list[str]:
     import subprocess
     import sys
 
-    from cellseg.threads import PORTABLE_CPU_KERNELS
+    from cellseg.runtime import PORTABLE_CPU_KERNELS
 
     keep = {k: v for k, v in os.environ.items() if k not in PORTABLE_CPU_KERNELS}
     done = subprocess.run(
@@ -81,7 +81,7 @@ def probe(mode: str, **env: str) -> list[str]:
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="the kernels pinned are x86's")
 def test_portable_kernels_compute_as_avx2_does_whatever_the_cpu_has():
-    from cellseg.threads import PORTABLE_CPU_KERNELS
+    from cellseg.runtime import PORTABLE_CPU_KERNELS
 
     native_isa, native = probe("native")
     pinned_isa, pinned = probe("pin")

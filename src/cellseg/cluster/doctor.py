@@ -20,14 +20,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from cellseg.cluster import names as cluster
+from cellseg import settings
+from cellseg.settings import PYTORCHJOB, TRAINJOB
+from cellseg.cluster.api_calls import (
+    KUEUE_GROUP,
+    KUEUE_VERSION,
+    STEP_CALLS,
+    ApiCall,
+    launcher_calls,
+)
 from cellseg.cluster.jobs import ENGINES
 from cellseg.cluster.jobs import TRAINING_RUNTIME as RUNTIME
 
 KFP_MINIMUM = (2, 5, 0)  # nodeSelectorJson, tolerationJson, pvcNameParameter in the spec
-KUEUE = ("kueue.x-k8s.io", "v1beta2")  # served from Kueue v0.16; runtimePatches from v0.17
-REQUIRED_FIELD = {"trainjob": "runtimePatches"}  # Trainer v2.3: node selector, tolerations
-MINIMUM = {"trainjob": "Kubeflow Trainer v2.3", "pytorchjob": "Training Operator 1.9"}
+REQUIRED_FIELD = {TRAINJOB: "runtimePatches"}  # Trainer v2.3: node selector, tolerations
+MINIMUM = {TRAINJOB: "Kubeflow Trainer v2.3", PYTORCHJOB: "Training Operator 1.9"}
 DEPLOY = "kubectl apply -k manifests/overlays/<overlay>"
 
 
@@ -46,11 +53,13 @@ class Result:
 
 
 @dataclass(frozen=True)
-class Settings:
-    namespace: str = cluster.NAMESPACE
-    engine: str = "pytorchjob"
-    queue_name: str = ""
-    mlflow_uri: str = cluster.MLFLOW_URI
+class DoctorOptions:
+    """The cluster to check and what the runs there will use."""
+
+    namespace: str = settings.NAMESPACE
+    engine: str = settings.TRAINING_JOB.training_engine
+    queue_name: str = settings.TRAINING_JOB.queue_name
+    mlflow_uri: str = settings.MLFLOW_URI
     kfp_host: str = ""
     kfp_token: str = ""
     account: str | None = None  # whose rights to check; None: the pipeline's; "": yours
@@ -59,7 +68,7 @@ class Settings:
     def pipeline_account(self) -> str:
         if self.account is not None:
             return self.account
-        return f"system:serviceaccount:{self.namespace}:{cluster.PIPELINE_SERVICE_ACCOUNT}"
+        return f"system:serviceaccount:{self.namespace}:{settings.PIPELINE_SERVICE_ACCOUNT}"
 
 
 def _status(err: Exception) -> int | None:
@@ -88,7 +97,7 @@ def _read(call: Callable, requirement: str, what: str, missing: Result):
         raise
 
 
-def check_engine_crd(api, s: Settings) -> Result:
+def check_engine_crd(api, s: DoctorOptions) -> Result:
     from kubernetes import client
 
     engine = ENGINES[s.engine]
@@ -122,13 +131,13 @@ def check_engine_crd(api, s: Settings) -> Result:
     return Result(requirement, True, "served")
 
 
-def check_training_runtime(api, s: Settings) -> Result | None:
+def check_training_runtime(api, s: DoctorOptions) -> Result | None:
     from kubernetes import client
 
-    if s.engine != "trainjob":
+    if s.engine != TRAINJOB:
         return None
     requirement = f"TrainingRuntime {s.namespace}/{RUNTIME}"
-    engine = ENGINES["trainjob"]
+    engine = ENGINES[TRAINJOB]
     get = client.CustomObjectsApi(api).get_namespaced_custom_object
     runtime, failed = _read(
         lambda: get(engine.group, engine.version, s.namespace, "trainingruntimes", RUNTIME),
@@ -143,12 +152,12 @@ def check_training_runtime(api, s: Settings) -> Result | None:
     return Result(requirement, True, "present")
 
 
-def check_volumes(api, s: Settings) -> list[Result]:
+def check_volumes(api, s: DoctorOptions) -> list[Result]:
     from kubernetes import client
 
     core = client.CoreV1Api(api)
     results = []
-    for claim in (cluster.DATASETS_PVC, cluster.CHECKPOINTS_PVC, cluster.HF_CACHE_PVC):
+    for claim in (settings.DATASETS_PVC, settings.CHECKPOINTS_PVC, settings.HF_CACHE_PVC):
         requirement = f"PersistentVolumeClaim {s.namespace}/{claim}"
         pvc, failed = _read(
             lambda c=claim: core.read_namespaced_persistent_volume_claim(c, s.namespace),
@@ -184,17 +193,17 @@ def check_volumes(api, s: Settings) -> list[Result]:
     return results
 
 
-def check_hf_secret(api, s: Settings) -> Result:
+def check_hf_secret(api, s: DoctorOptions) -> Result:
     from kubernetes import client
 
-    requirement = f"Secret {s.namespace}/{cluster.HF_TOKEN_SECRET} (key HF_TOKEN)"
+    requirement = f"Secret {s.namespace}/{settings.HF_TOKEN_SECRET} (key HF_TOKEN)"
     fix = (
-        f"kubectl -n {s.namespace} create secret generic {cluster.HF_TOKEN_SECRET} "
+        f"kubectl -n {s.namespace} create secret generic {settings.HF_TOKEN_SECRET} "
         "--from-literal=HF_TOKEN=hf_... (UNI is gated; the uni-gpu profile needs it)"
     )
     read = client.CoreV1Api(api).read_namespaced_secret
     secret, failed = _read(
-        lambda: read(cluster.HF_TOKEN_SECRET, s.namespace), requirement, "Secrets",
+        lambda: read(settings.HF_TOKEN_SECRET, s.namespace), requirement, "Secrets",
         Result(requirement, False, "missing", fix=fix),
     )  # fmt: skip
     if failed:
@@ -204,22 +213,16 @@ def check_hf_secret(api, s: Settings) -> Result:
     return Result(requirement, True, "present")
 
 
-def launcher_permissions(engine_name: str) -> list[tuple[str, str, str, str]]:
-    """(group, resource, subresource, verb) for every call the launcher makes."""
-    e = ENGINES[engine_name]
-    jobs = [(e.group, e.plural, "", verb) for verb in ("create", "get", "watch", "delete")]
-    return [*jobs, ("", "pods", "", "list"), ("", "pods", "log", "get")]
-
-
-def _access(api, namespace: str, group: str, resource: str, sub: str, verb: str) -> bool:
+def allowed(api, namespace: str, call: ApiCall) -> bool:
+    """Whether ``api``'s user may make ``call`` in ``namespace`` (a SelfSubjectAccessReview)."""
     from kubernetes import client
 
+    attributes = client.V1ResourceAttributes(
+        namespace=namespace, group=call.group, resource=call.resource,
+        subresource=call.subresource or None, verb=call.verb,
+    )  # fmt: skip
     review = client.V1SelfSubjectAccessReview(
-        spec=client.V1SelfSubjectAccessReviewSpec(
-            resource_attributes=client.V1ResourceAttributes(
-                namespace=namespace, group=group, resource=resource, subresource=sub, verb=verb
-            )
-        )
+        spec=client.V1SelfSubjectAccessReviewSpec(resource_attributes=attributes)
     )
     answer = client.AuthorizationV1Api(api).create_self_subject_access_review(review)
     return bool(answer.status.allowed)
@@ -232,27 +235,13 @@ def as_user(api, user: str):
     return client.ApiClient(api.configuration, header_name="Impersonate-User", header_value=user)
 
 
-# what Argo's executor and KFP's driver/launcher do in a step's pod (kfp-steps-rbac.yaml)
-STEP_PERMISSIONS = [
-    ("argoproj.io", "workflowtaskresults", "", "create"),
-    ("argoproj.io", "workflowtaskresults", "", "patch"),
-    ("", "configmaps", "", "get"),
-]
-
-
-def _show(permission: tuple[str, str, str, str]) -> str:
-    group, resource, sub, verb = permission
-    name = f"{resource}/{sub}" if sub else resource
-    return f"{verb} {name}.{group}" if group else f"{verb} {name}"
-
-
-def check_rbac(api, s: Settings) -> list[Result]:
+def check_rbac(api, s: DoctorOptions) -> list[Result]:
     account = s.pipeline_account
     who = account.rsplit(":", 1)[-1] if account else "you"
     reviewer = as_user(api, account) if account else api
     results = []
     try:
-        _access(reviewer, s.namespace, "", "pods", "", "get")
+        allowed(reviewer, s.namespace, ApiCall("get", "pods"))
     except Exception as err:
         if not account or _status(err) != 403:
             raise
@@ -263,28 +252,28 @@ def check_rbac(api, s: Settings) -> list[Result]:
         ))  # fmt: skip
         who, reviewer = "you", api
     needs = (
-        ("what the launcher does", launcher_permissions(s.engine), "rbac.yaml"),
-        ("what KFP does in a step", STEP_PERMISSIONS, "kfp-steps-rbac.yaml"),
+        ("what the launcher does", launcher_calls(s.engine), "rbac.yaml"),
+        ("what KFP does in a step", STEP_CALLS, "kfp-steps-rbac.yaml"),
     )
-    for what, permissions, manifest in needs:
+    for what, calls, manifest in needs:
         requirement = f"RBAC: {what}, as {who} in {s.namespace}"
-        denied = [p for p in permissions if not _access(reviewer, s.namespace, *p)]
+        denied = [c for c in calls if not allowed(reviewer, s.namespace, c)]
         if denied:
-            detail = "denied: " + ", ".join(map(_show, denied))
+            detail = "denied: " + ", ".join(c.show() for c in denied)
             fix = f"{DEPLOY} (manifests/base/{manifest} binds {who})"
             results.append(Result(requirement, False, detail, fix=fix))
         else:
-            results.append(Result(requirement, True, ", ".join(map(_show, permissions))))
+            results.append(Result(requirement, True, ", ".join(c.show() for c in calls)))
     return results
 
 
-def check_queue(api, s: Settings) -> list[Result]:
+def check_queue(api, s: DoctorOptions) -> list[Result]:
     from kubernetes import client
 
     if not s.queue_name:
         return []
     custom = client.CustomObjectsApi(api)
-    group, version = KUEUE
+    group, version = KUEUE_GROUP, KUEUE_VERSION
     requirement = f"LocalQueue {s.namespace}/{s.queue_name} ({group}/{version})"
     queue, failed = _read(
         lambda: custom.get_namespaced_custom_object(
@@ -325,7 +314,7 @@ def _service_in_cluster(uri: str) -> tuple[str, str, int] | None:
     return (match[1], match[2], parsed.port or 80) if match else None
 
 
-def check_mlflow(api, s: Settings, get: Callable = _get) -> Result:
+def check_mlflow(api, s: DoctorOptions, get: Callable = _get) -> Result:
     from kubernetes import client
 
     requirement = f"MLflow {s.mlflow_uri}/health"
@@ -362,7 +351,7 @@ def parse_version(tag: str) -> tuple[int, ...] | None:
     return tuple(int(x) for x in match.groups()) if match else None
 
 
-def check_kfp(s: Settings, get: Callable = _get) -> Result | None:
+def check_kfp(s: DoctorOptions, get: Callable = _get) -> Result | None:
     if not s.kfp_host:
         return None
     minimum = ".".join(map(str, KFP_MINIMUM))
@@ -394,7 +383,7 @@ def check_kfp(s: Settings, get: Callable = _get) -> Result | None:
     return Result(requirement, True, f"{tag} ({mode})")
 
 
-def run_checks(api, s: Settings, get: Callable = _get) -> list[Result]:
+def run_checks(api, s: DoctorOptions, get: Callable = _get) -> list[Result]:
     """Every requirement for ``s``, in the order a run meets them."""
     if s.engine not in ENGINES:
         raise ValueError(f"training engine {s.engine!r}: expected one of {', '.join(ENGINES)}")

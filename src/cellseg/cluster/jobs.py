@@ -22,7 +22,10 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from cellseg.cluster import names as cluster
+from cellseg import settings
+from cellseg.settings import PYTORCHJOB as PYTORCHJOB_NAME
+from cellseg.settings import TRAINJOB as TRAINJOB_NAME
+from cellseg.settings import TrainingJobSettings
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KEY_ANNOTATION = "cellseg.kfp/job-key"  # what a retried step compares to adopt a job
@@ -45,11 +48,11 @@ class Engine:
 
 
 PYTORCHJOB = Engine(
-    "pytorchjob", "PyTorchJob", "kubeflow.org", "v1", "pytorchjobs",
+    PYTORCHJOB_NAME, "PyTorchJob", "kubeflow.org", "v1", "pytorchjobs",
     "training.kubeflow.org/job-name", "Succeeded", "pytorch",
 )  # fmt: skip
 TRAINJOB = Engine(
-    "trainjob", "TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs",
+    TRAINJOB_NAME, "TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs",
     "jobset.sigs.k8s.io/jobset-name", "Complete", "node",
 )  # fmt: skip
 ENGINES = {e.name: e for e in (PYTORCHJOB, TRAINJOB)}
@@ -60,26 +63,18 @@ class JobSpec:
     """Everything a training job for one phase needs, whichever engine runs it."""
 
     name: str
-    image: str
     train_args: tuple[str, ...]  # after `cellseg train`
-    namespace: str = cluster.NAMESPACE
-    nodes: int = 1
-    gpus_per_node: int = 1
-    node_selector: dict = field(default_factory=lambda: dict(cluster.GPU_NODE_SELECTOR))
-    tolerations: tuple[dict, ...] = cluster.GPU_TOLERATIONS
+    job: TrainingJobSettings = field(default_factory=TrainingJobSettings)
+    namespace: str = settings.NAMESPACE
     mlflow_uri: str = ""
-    queue_name: str = ""  # a Kueue LocalQueue; "" = no queueing
-    cpu: str = "8"
-    memory: str = "64Gi"
-    shm: str = "16Gi"  # DataLoader workers share tensors through /dev/shm
     backoff_limit: int = 3
-    timeout_seconds: int = 3 * 24 * 3600  # the job's deadline and the launcher's wait (running)
     ttl_seconds_after_finished: int = 7 * 24 * 3600
     owner_pod: tuple[str, str] = ()  # (name, uid) of the step's pod: the job goes with it
 
-    def __post_init__(self):
-        if self.nodes < 1 or self.gpus_per_node < 1:
-            raise ValueError("nodes and gpus_per_node must be >= 1")
+    @property
+    def timeout_seconds(self) -> int:
+        """The job's deadline and the launcher's wait, counted from admission."""
+        return int(self.job.train_timeout_hours * 3600)
 
 
 def job_name(pipeline_run_id: str, phase: int) -> str:
@@ -95,14 +90,15 @@ def job_key(spec: JobSpec) -> str:
     if "--mlflow-run" in args:
         i = args.index("--mlflow-run")
         del args[i : i + 2]
-    identity = [spec.image, args, spec.nodes, spec.gpus_per_node, spec.namespace, spec.name]
+    j = spec.job
+    identity = [j.image, args, j.num_nodes, j.gpus_per_node, spec.namespace, spec.name]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 
 def _metadata(spec: JobSpec) -> dict:
     labels = {"app.kubernetes.io/part-of": "cellseg-kfp"}
-    if spec.queue_name:
-        labels[QUEUE_LABEL] = spec.queue_name
+    if spec.job.queue_name:
+        labels[QUEUE_LABEL] = spec.job.queue_name
     metadata = {
         "name": spec.name,
         "namespace": spec.namespace,
@@ -119,12 +115,12 @@ def _metadata(spec: JobSpec) -> dict:
 
 def _env(spec: JobSpec) -> list[dict]:
     env = [
-        {"name": "HF_HOME", "value": cluster.HF_CACHE_MOUNT},
+        {"name": "HF_HOME", "value": settings.HF_CACHE_MOUNT},
         {
             "name": "HF_TOKEN",  # from its Secret, never in the manifest
             "valueFrom": {
                 "secretKeyRef": {
-                    "name": cluster.HF_TOKEN_SECRET,
+                    "name": settings.HF_TOKEN_SECRET,
                     "key": "HF_TOKEN",
                     "optional": True,
                 }
@@ -143,7 +139,7 @@ MLFLOW_CREDENTIALS = [
     {
         "name": key,
         "valueFrom": {
-            "secretKeyRef": {"name": cluster.MLFLOW_AUTH_SECRET, "key": key, "optional": True}
+            "secretKeyRef": {"name": settings.MLFLOW_AUTH_SECRET, "key": key, "optional": True}
         },
     }
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -151,10 +147,11 @@ MLFLOW_CREDENTIALS = [
 
 
 def _resources(spec: JobSpec) -> dict:
-    gpus = str(spec.gpus_per_node)
+    j = spec.job
+    gpus, memory = str(j.gpus_per_node), j.train_memory_per_node
     return {
-        "requests": {"cpu": spec.cpu, "memory": spec.memory, cluster.ACCELERATOR: gpus},
-        "limits": {"memory": spec.memory, cluster.ACCELERATOR: gpus},
+        "requests": {"cpu": j.train_cpu_per_node, "memory": memory, settings.ACCELERATOR: gpus},
+        "limits": {"memory": memory, settings.ACCELERATOR: gpus},
     }
 
 
@@ -164,15 +161,15 @@ def _command(spec: JobSpec) -> list[str]:
 
 def pod_volumes(shm: str) -> list[dict]:
     return [
-        {"name": "checkpoints", "persistentVolumeClaim": {"claimName": cluster.CHECKPOINTS_PVC}},
-        {"name": "hf-cache", "persistentVolumeClaim": {"claimName": cluster.HF_CACHE_PVC}},
+        {"name": "checkpoints", "persistentVolumeClaim": {"claimName": settings.CHECKPOINTS_PVC}},
+        {"name": "hf-cache", "persistentVolumeClaim": {"claimName": settings.HF_CACHE_PVC}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
     ]
 
 
 VOLUME_MOUNTS = [
-    {"name": "checkpoints", "mountPath": cluster.CHECKPOINTS_MOUNT},
-    {"name": "hf-cache", "mountPath": cluster.HF_CACHE_MOUNT},
+    {"name": "checkpoints", "mountPath": settings.CHECKPOINTS_MOUNT},
+    {"name": "hf-cache", "mountPath": settings.HF_CACHE_MOUNT},
     {"name": "dshm", "mountPath": "/dev/shm"},
 ]
 CONTAINER_SECURITY = {
@@ -193,7 +190,7 @@ POD_LABELS = {"app.kubernetes.io/name": "cellseg-train", "sidecar.istio.io/injec
 def _replica(spec: JobSpec, replicas: int) -> dict:
     container = {
         "name": PYTORCHJOB.container,  # the Training Operator finds the container by this name
-        "image": spec.image,
+        "image": spec.job.image,
         "command": _command(spec),
         "env": _env(spec),
         "resources": _resources(spec),
@@ -206,12 +203,12 @@ def _replica(spec: JobSpec, replicas: int) -> dict:
         "template": {
             "metadata": {"labels": dict(POD_LABELS)},
             "spec": {
-                "serviceAccountName": cluster.TRAIN_SERVICE_ACCOUNT,
+                "serviceAccountName": settings.TRAIN_SERVICE_ACCOUNT,
                 "securityContext": POD_SECURITY,
                 "containers": [container],
-                "nodeSelector": dict(spec.node_selector),
-                "tolerations": [dict(t) for t in spec.tolerations],
-                "volumes": pod_volumes(spec.shm),
+                "nodeSelector": dict(spec.job.node_selector),
+                "tolerations": [dict(t) for t in spec.job.tolerations],
+                "volumes": pod_volumes(spec.job.train_shm_per_node),
             },
         },
     }
@@ -220,22 +217,22 @@ def _replica(spec: JobSpec, replicas: int) -> dict:
 def build_pytorchjob(spec: JobSpec) -> dict:
     """The PyTorchJob manifest (Training Operator v1): Master x1 + Worker x(nodes - 1)."""
     replicas = {"Master": _replica(spec, 1)}
-    if spec.nodes > 1:
-        replicas["Worker"] = _replica(spec, spec.nodes - 1)
+    if spec.job.num_nodes > 1:
+        replicas["Worker"] = _replica(spec, spec.job.num_nodes - 1)
     run_policy = {
         "cleanPodPolicy": "Running",  # finished pods stay for their logs until the TTL
         "backoffLimit": spec.backoff_limit,
         "activeDeadlineSeconds": spec.timeout_seconds,
         "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
     }
-    if spec.queue_name:
+    if spec.job.queue_name:
         run_policy["suspend"] = True  # Kueue admits it by resuming it
     return {
         "apiVersion": f"{PYTORCHJOB.group}/{PYTORCHJOB.version}",
         "kind": PYTORCHJOB.kind,
         "metadata": _metadata(spec),
         "spec": {
-            "nprocPerNode": str(spec.gpus_per_node),
+            "nprocPerNode": str(spec.job.gpus_per_node),
             "runPolicy": run_policy,
             "pytorchReplicaSpecs": replicas,
         },
@@ -246,9 +243,9 @@ def build_trainjob(spec: JobSpec) -> dict:
     """The TrainJob manifest (Trainer v2) on the project's ``TrainingRuntime``."""
     pod_patch = {
         "securityContext": POD_SECURITY,  # as the runtime's, should another runtime lack it
-        "nodeSelector": dict(spec.node_selector),
-        "tolerations": [dict(t) for t in spec.tolerations],
-        "volumes": [v for v in pod_volumes(spec.shm) if v["name"] == "dshm"],  # its size
+        "nodeSelector": dict(spec.job.node_selector),
+        "tolerations": [dict(t) for t in spec.job.tolerations],
+        "volumes": [v for v in pod_volumes(spec.job.train_shm_per_node) if v["name"] == "dshm"],
     }
     pod = {"metadata": {"labels": dict(POD_LABELS)}, "spec": pod_patch}
     node_patch = {"name": "node", "template": {"spec": {"template": pod}}}
@@ -264,10 +261,10 @@ def build_trainjob(spec: JobSpec) -> dict:
             },
             "activeDeadlineSeconds": spec.timeout_seconds,
             "trainer": {
-                "image": spec.image,
+                "image": spec.job.image,
                 "command": _command(spec),
                 "env": _env(spec),
-                "numNodes": spec.nodes,
+                "numNodes": spec.job.num_nodes,
                 "resourcesPerNode": _resources(spec),
             },
             "runtimePatches": [
@@ -278,7 +275,7 @@ def build_trainjob(spec: JobSpec) -> dict:
             ],
         },
     }
-    if spec.queue_name:
+    if spec.job.queue_name:
         job["spec"]["suspend"] = True  # Kueue admits it by resuming it
     return job
 
@@ -286,7 +283,6 @@ def build_trainjob(spec: JobSpec) -> dict:
 BUILDERS = {PYTORCHJOB.name: build_pytorchjob, TRAINJOB.name: build_trainjob}
 
 
-def build_job(engine: str, spec: JobSpec) -> dict:
-    if engine not in BUILDERS:
-        raise ValueError(f"training engine {engine!r}: expected one of {', '.join(BUILDERS)}")
-    return BUILDERS[engine](spec)
+def build_job(spec: JobSpec) -> dict:
+    """The manifest of ``spec``'s engine (``spec.job.training_engine``)."""
+    return BUILDERS[spec.job.training_engine](spec)

@@ -21,16 +21,18 @@ import threading
 import time
 from dataclasses import dataclass
 
+from cellseg.cluster.api_calls import KUEUE_GROUP, KUEUE_VERSION
 from cellseg.cluster.jobs import ENGINES, KEY_ANNOTATION, QUEUE_LABEL, Engine, JobSpec, build_job
 from cellseg.cluster.logs import LogFollower, pod_log_stream
 from cellseg.cluster.pods import DEFAULT_LIMITS, Limits, pod_failure
 from cellseg.errors import JobFailed
+from cellseg.settings import PYTORCHJOB, TRAINJOB
 
 INSTALL = {  # what a cluster without the engine's API needs
-    "trainjob": "install Kubeflow Trainer v2.3+ and the project's TrainingRuntime "
-    "(manifests/components/trainer-v2), or use training_engine=pytorchjob",
-    "pytorchjob": "install the Kubeflow Training Operator v1.9, or use training_engine=trainjob "
-    "(Kubeflow Trainer v2)",
+    TRAINJOB: "install Kubeflow Trainer v2.3+ and the project's TrainingRuntime "
+    f"(manifests/components/trainer-v2), or use training_engine={PYTORCHJOB}",
+    PYTORCHJOB: "install the Kubeflow Training Operator v1.9, or use "
+    f"training_engine={TRAINJOB} (Kubeflow Trainer v2)",
 }
 
 
@@ -282,7 +284,7 @@ class JobRunner:
         uid = job["metadata"].get("uid")
         try:
             workloads = self.custom.list_namespaced_custom_object(
-                "kueue.x-k8s.io", "v1beta1", job["metadata"]["namespace"], "workloads",
+                KUEUE_GROUP, KUEUE_VERSION, job["metadata"]["namespace"], "workloads",
                 label_selector=f"kueue.x-k8s.io/job-uid={uid}",
             )["items"]  # fmt: skip
         except Exception:  # no Kueue, no rights: the reason is unknown, not fatal
@@ -428,23 +430,17 @@ def deleted_on_sigterm(runner: JobRunner, name: str, namespace: str):
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_job(
-    engine: str,
-    spec: JobSpec,
-    api_client=None,
-    queue_timeout_seconds: float = 7 * 24 * 3600,
-    limits: Limits = DEFAULT_LIMITS,
-) -> None:
-    """Submit ``spec`` as a job of ``engine`` and wait (in-cluster credentials by default); on
+def run_job(spec: JobSpec, api_client=None) -> None:
+    """Submit ``spec`` as a job of its engine and wait (credentials: :func:`api_client`); on
     SIGTERM the job is deleted."""
-    if api_client is None:
-        from kubernetes import client, config
+    from cellseg.cluster.client import api_client as default_client
 
-        config.load_incluster_config()
-        api_client = client.ApiClient()
-    if engine not in ENGINES:
-        raise JobFailed(f"training engine {engine!r}: expected one of {', '.join(ENGINES)}")
-    runner = JobRunner(ENGINES[engine], api_client, limits=limits)
+    job = spec.job
+    runner = JobRunner(
+        ENGINES[job.training_engine],
+        api_client or default_client(),
+        limits=Limits(pending_timeout_seconds=job.pending_timeout_minutes * 60),
+    )
     with deleted_on_sigterm(runner, spec.name, spec.namespace):
-        created = runner.submit(build_job(engine, spec))
-        runner.wait(created, spec.timeout_seconds, queue_timeout_seconds)
+        created = runner.submit(build_job(spec))
+        runner.wait(created, spec.timeout_seconds, job.queue_timeout_hours * 3600)

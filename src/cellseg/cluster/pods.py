@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from cellseg.errors import one_line
+from cellseg.settings import TRAINING_JOB
+
 IMAGE_PULL = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull")
 WAITING_FOR_KUEUE = ("SchedulingGated",)  # Kueue's admission gate: queued, not unschedulable
 
@@ -21,7 +24,8 @@ class Limits:
     """How long a pod may look stuck before it is a failure."""
 
     image_pull_grace_seconds: float = 180.0  # a registry hiccup heals within a few retries
-    pending_timeout_seconds: float = 1800.0  # room for a cluster autoscaler to add a node
+    # room for a cluster autoscaler to add a node
+    pending_timeout_seconds: float = TRAINING_JOB.pending_timeout_minutes * 60
 
 
 DEFAULT_LIMITS = Limits()
@@ -58,10 +62,6 @@ def _latest_event(events: list[dict], reasons: tuple[str, ...]) -> dict:
     return max(matching, key=key) if matching else {}
 
 
-def _one_line(text: str) -> str:
-    return " ".join((text or "").split())
-
-
 def _terminated(status: dict) -> tuple[dict, str]:
     """The container's termination (now or its last one) and which."""
     state, last = status.get("state") or {}, status.get("lastState") or {}
@@ -85,10 +85,10 @@ def container_failure(pod: str, status: dict, events: list[dict], scheduled_at: 
         pulled = _latest_event(pulls, ("Failed",)).get("message") or waiting.get("message", "")
         waited = f"{now - since:.0f} s"
         return PodFailure(pod, reason, f"cannot pull image {image} for {waited}: "
-                          f"{_one_line(pulled)}".rstrip(": "))  # fmt: skip
+                          f"{one_line(pulled)}".rstrip(": "))  # fmt: skip
     if reason == "CreateContainerConfigError":
         # the kubelet says which: 'secret "x" not found' / "couldn't find key K in Secret ns/x"
-        return PodFailure(pod, reason, _one_line(waiting.get("message", "")))
+        return PodFailure(pod, reason, one_line(waiting.get("message", "")))
     terminated, when = _terminated(status)
     if terminated.get("reason") == "OOMKilled":
         code = terminated.get("exitCode", 137)
@@ -126,7 +126,7 @@ def pod_failure(
             if now - created < limits.pending_timeout_seconds:
                 return None
             message = _latest_event(events, ("FailedScheduling",)).get("message")
-            message = _one_line(message or scheduled.get("message", ""))
+            message = one_line(message or scheduled.get("message", ""))
             waited = f"{(now - created) / 60:.0f} min"
             return PodFailure(name, "Unschedulable", f"pending {waited}: {message}")
         return None

@@ -34,7 +34,7 @@ from cellseg.data.source import voc_md5
 from cellseg.data.voc import CleanupCounts, clean_boxes, parse_voc
 from cellseg.errors import DataError
 from cellseg.overlay import draw_overlay
-from cellseg.threads import cpu_budget
+from cellseg.runtime import cpu_budget
 
 
 @dataclass
@@ -126,7 +126,7 @@ def write_preview(work: Path, stem: str) -> None:
     Image.fromarray(overlay).save(work / "preview" / f"{stem}.png", optimize=True)
 
 
-def summarise(results: list[ImageResult], split: str) -> dict:
+def split_counts(results: list[ImageResult], split: str) -> dict:
     mine = [r for r in results if r.split == split and r.error is None]
     per_class = {name: 0 for name in CLASS_NAMES}
     for r in mine:
@@ -226,7 +226,7 @@ def write_outputs(
         "package_version": version("cellseg-kfp"),
         "source": {"path": str(source), "dvc_md5": voc_md5(source)},
         "params": asdict(params),
-        "splits": {split: summarise(results, split) for split in SPLITS},
+        "splits": {split: split_counts(results, split) for split in SPLITS},
         "cleanup": _sum_counts(good, "cleanup"),
         "masks": _sum_counts(good, "masks"),
         "skipped": [{"file": r.stem, "error": r.error} for r in results if r.error],

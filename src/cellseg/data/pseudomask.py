@@ -37,7 +37,7 @@ class MaskParams:
     min_box_share: float = 0.35  # below this share of its box, a mask is implausible
     max_box_share: float = 0.97  # above it, the mask leaked into neighbours or background
     opening_radius: int = 2
-    min_instance_area: int = 16
+    min_mask_area: int = 16  # pixels: a smaller pseudo-mask is dropped
     min_box_side: int = 4
     duplicate_iou: float = 0.9
     overlap_area_ratio: float = 2.0  # a box this many times smaller lies on top of the other
@@ -136,7 +136,7 @@ def instances_from_boxes(
         if n > 1:
             sizes = np.bincount(labels.ravel())[1:]
             mine = labels == 1 + int(np.argmax(sizes))
-        if mine.sum() < params.min_instance_area:
+        if mine.sum() < params.min_mask_area:
             counts.dropped_occluded += 1
             continue
         kept.append(box)

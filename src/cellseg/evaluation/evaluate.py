@@ -186,7 +186,7 @@ def score_images(data: Path, images: list[dict], predictor, first_crowd_id: int,
     return scores
 
 
-def summarise(scores: Scores, gt_doc: dict) -> tuple[dict, dict]:
+def split_metrics(scores: Scores, gt_doc: dict) -> tuple[dict, dict]:
     """``metrics.json``'s content (without split, images, model) and the box PR curves."""
     void_doc = {**gt_doc, "annotations": gt_doc["annotations"] + scores.crowd}
     results = scores.results
@@ -240,7 +240,7 @@ def evaluate(
     gt_doc["annotations"] = [a for a in gt_doc["annotations"] if a["image_id"] in image_ids]
     first_crowd_id = 1 + max((a["id"] for a in gt_doc["annotations"]), default=0)
     scores = score_images(data, images, predictor, first_crowd_id, f"evaluate {split}")
-    summary, pr50 = summarise(scores, gt_doc)
+    summary, pr50 = split_metrics(scores, gt_doc)
     metrics = {"split": split, "images": len(images), "model": model_name, **summary}
     if getattr(predictor, "chosen_phase", 0):  # which training phase's weights were scored
         metrics["chosen_phase"] = predictor.chosen_phase

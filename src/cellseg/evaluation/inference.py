@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -13,28 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from cellseg.errors import InputError
-from cellseg.evaluation.postprocess import Instances, PostprocessParams, postprocess
+from cellseg.evaluation.postprocess import Instances, postprocess
 from cellseg.model.checkpoint import model_from_checkpoint
 from cellseg.model.factory import CellSegModel
-from cellseg.training.config import FIELDS as CONFIG_FIELDS
+from cellseg.model.postprocess_params import PostprocessParams, postprocess_params
+from cellseg.model.reference import resolve_checkpoint
+from cellseg.runtime import resolve_device
 
 MAX_PIXELS = 4096 * 4096
-# the post-processing settings a checkpoint's training config carries: every one that is
-# also a config key, so a key added to both travels without another list to keep in step
-SAVED_PARAMS = tuple(f.name for f in fields(PostprocessParams) if f.name in CONFIG_FIELDS)
-
-
-def set_inference_threads(threads: int = 0) -> int:
-    """torch's and OpenCV's thread counts for inference: ``threads``, or the CPUs this process
-    may use (:func:`cellseg.threads.cpu_budget`: the affinity mask capped by the cgroup quota).
-    Measured on 2 cores: OpenCV left at its default made a 640x480 prediction take 1.9 s
-    against 0.32 s with both set to 2. Returns the count."""
-    from cellseg.threads import cpu_budget
-
-    n = threads or cpu_budget()
-    torch.set_num_threads(n)
-    cv2.setNumThreads(n)
-    return n
 
 
 def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
@@ -59,16 +45,6 @@ def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return labels[rows][:, cols]
 
 
-def inference_device(preference: str = "auto") -> torch.device:
-    """``auto``: the GPU when one is visible, else the CPU; ``cpu``, ``cuda``, ``cuda:1``..."""
-    if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(preference)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {preference} asked for, but no CUDA device is visible (use auto)")
-    return device
-
-
 @dataclass
 class Predictor:
     """``predictor(image)`` or ``predictor.predict_batch(images)``: instances per image.
@@ -88,12 +64,8 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: Path, device: str = "auto", batch_size: int = 8) -> Predictor:
         model, meta = model_from_checkpoint(Path(path))
-        # older checkpoints lack some keys: the defaults apply
-        saved = {k: meta.config[k] for k in SAVED_PARAMS if k in meta.config}
-        if "merge_touching" in saved:  # a YAML list in the saved config
-            saved["merge_touching"] = tuple(saved["merge_touching"])
-        params = PostprocessParams(**saved)
-        where = inference_device(device)
+        params = postprocess_params(meta.config)  # as chosen on val when it was trained
+        where = resolve_device(device)
         return cls(model.to(where), meta.scale, where, params, batch_size, meta.chosen_phase)
 
     def check(self, image: np.ndarray) -> np.ndarray:
@@ -182,3 +154,9 @@ def predict_batch(
             inst.labels = resize_labels(inst.labels, shape)
             results[i] = inst
     return results
+
+
+def load_predictor(model_ref: str | Path, device: str = "auto") -> Predictor:
+    """A :class:`Predictor` for a checkpoint, a training folder or an MLflow URI
+    (:mod:`cellseg.model.reference`), on ``device`` (``auto``: CUDA when present)."""
+    return Predictor.from_checkpoint(resolve_checkpoint(str(model_ref)), device)

@@ -19,37 +19,15 @@ Two rules for the markers (``PostprocessParams.markers``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import cv2
 import numpy as np
 from skimage.segmentation import watershed
 
 from cellseg.classes import CLASS_IDS
+from cellseg.model.postprocess_params import PostprocessParams
 
-
-@dataclass(frozen=True)
-class PostprocessParams:
-    np_threshold: float = 0.5  # foreground probability
-    markers: Literal["sobel", "slope"] = "sobel"  # see the module's docstring
-    boundary_threshold: float = 0.4  # sobel: energy above this is a boundary between cells
-    slope_sigma: float = 2.0  # slope: Gaussian smoothing of the HV maps, in pixels
-    sobel_ksize: int = 21
-    min_marker_area: int = 10
-    min_instance_area: int = 10
-    # Classes whose cells lie apart (white cells: about one per field, two touch in 2 of BCCD's
-    # 364 images): touching instances of such a class are pieces of one cell, a lobed nucleus
-    # that the HV maps split, and are merged (class from the merged cell's mean softmax).
-    merge_touching: tuple[str, ...] = ()
-    # Score factor for instances touching the image border. BCCD's annotators left most cut-off
-    # cells unboxed (78% of the val split's unlabelled regions touch the border, 11% of its
-    # boxed cells), so a border cell is a doubtful detection: ranking it lower raises strict AP
-    # without dropping it. 1.0 = off.
-    border_score: float = 1.0
-    # A foreground region whose markers all fell under min_marker_area (a small cell: a 4 px-
-    # radius platelet's marker is under 30 px) becomes one instance of its own instead of
-    # vanishing. Off by default, so checkpoints and profiles without the key behave as before.
-    keep_markerless: bool = False
+DEFAULTS = PostprocessParams()  # HoVer-Net's settings
 
 
 @dataclass
@@ -115,21 +93,16 @@ def grow_markers(distance: np.ndarray, markers: np.ndarray, mask: np.ndarray) ->
     return labels
 
 
-def plain_watershed(distance: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The reference :func:`grow_markers` is measured against (``make bench``)."""
-    return watershed(distance, markers=markers, mask=mask)
-
-
 def watershed_instances(
     np_prob: np.ndarray,
     hv: np.ndarray,
-    params: PostprocessParams = PostprocessParams(),
+    params: PostprocessParams = DEFAULTS,
     grow=grow_markers,
 ) -> np.ndarray:
     """Instance labels (int32, 1..n) from the cell probability (H, W) and HV maps (2, H, W).
 
     Args:
-        grow: the watershed (:func:`grow_markers`; :func:`plain_watershed` for reference).
+        grow: the watershed (:func:`grow_markers`; ``benchmarks.reference`` has the plain one).
     """
     fg = _components(np_prob >= params.np_threshold, params.min_instance_area) > 0
     if not fg.any():
@@ -223,31 +196,11 @@ def classify_instances(labels: np.ndarray, np_prob: np.ndarray, nc_prob: np.ndar
     return Instances(labels, classes.astype(np.int64), (fg_mean * share).astype(np.float32), probs)
 
 
-def classify_instances_reference(
-    labels: np.ndarray, np_prob: np.ndarray, nc_prob: np.ndarray
-) -> Instances:
-    """The same as :func:`classify_instances`, one mask per instance (for tests and bench)."""
-    n = int(labels.max())
-    probs, scores = np.zeros((n, nc_prob.shape[0])), np.zeros(n, np.float32)
-    classes = np.ones(n, np.int64)
-    for i in range(1, n + 1):
-        mask = labels == i
-        if not mask.any():
-            continue
-        probs[i - 1] = nc_prob[:, mask].mean(1)
-        cls = 1 + int(probs[i - 1, 1:].argmax())
-        classes[i - 1] = cls
-        scores[i - 1] = (
-            np_prob[mask].mean() * probs[i - 1, cls] / max(probs[i - 1, 1:].sum(), 1e-12)
-        )
-    return Instances(labels, classes, scores, probs)
-
-
 def postprocess(
     np_prob: np.ndarray,
     hv: np.ndarray,
     nc_prob: np.ndarray,
-    params: PostprocessParams = PostprocessParams(),
+    params: PostprocessParams = DEFAULTS,
 ) -> Instances:
     """Watershed, then mean-softmax classification (again after merging touching instances of
     the ``merge_touching`` classes); border instances' scores scaled."""

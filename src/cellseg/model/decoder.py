@@ -17,7 +17,7 @@ for a backbone trained from scratch on a CPU; UNI keeps HoVer-Net's separate bra
 upsampled ViT features, detailed enough when the ViT is a pretrained foundation model; a ViT
 trained from scratch for minutes gives them little, and the HV maps, which must say where in a
 40-pixel red cell each pixel lies, came out blurred. With the image's own detail at every scale
-they sharpen (README: "How the default was chosen"). UNI does not use it.
+they sharpen (docs/ablations.md). UNI does not use it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The cluster side of a promotion: the champion's storageUri, and the InferenceService rolled
-to it (all traffic, or a canary share).
+"""The cluster side of a promotion: an MLflow artifact location as a KServe storageUri, and the
+InferenceService rolled to it (all traffic, or a canary share).
 
 KServe's storage initializer reads ``s3://``, ``gs://``, ``pvc://``, ``https://`` and more; an
 MLflow server that proxies artifacts (``mlflow-artifacts:/...``, as manifests/base runs it)
@@ -29,20 +29,6 @@ def storage_uri(artifact_location: str, proxied_root: str = PROXIED_ARTIFACTS) -
         f"{artifact_location}: KServe cannot read this artifact location; log models to S3/GCS "
         "or through an MLflow server that proxies artifacts (manifests/base)"
     )
-
-
-def champion_storage_uri(name: str, alias_or_version: str = "champion") -> str:
-    """The storageUri of a registered version (by alias, or by number)."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    if alias_or_version.isdigit():
-        mv = client.get_model_version(name, alias_or_version)
-    else:
-        mv = client.get_model_version_by_alias(name, alias_or_version)
-    if getattr(mv, "model_id", None):  # MLflow 3: the version is a logged model
-        return storage_uri(client.get_logged_model(mv.model_id).artifact_location)
-    return storage_uri(client.get_model_version_download_uri(name, mv.version))
 
 
 def rollout_patch(uri: str, canary_percent: int = 0) -> dict:

@@ -18,17 +18,15 @@ import asyncio
 import threading
 import uuid
 
-from cellseg.errors import CellsegError, InputError
+from cellseg.errors import CellsegError, InputError, one_line
 
 
-def build_model(name: str, model_dir: str, device: str = "cpu"):
+def load_kserve_model(name: str, model_dir: str, device: str = "cpu"):
     """The KServe model, loaded (``ready``)."""
     import kserve
     from kserve.errors import InvalidInput
 
-    from cellseg.evaluation.inference import predict_batch
-    from cellseg.ops.model_ref import load_predictor
-    from cellseg.ops.registry import instance_rows
+    from cellseg.evaluation.inference import load_predictor, predict_batch
     from cellseg.serving import payload
 
     class CellSegKServe(kserve.Model):
@@ -51,7 +49,7 @@ def build_model(name: str, model_dir: str, device: str = "cpu"):
             else:
                 images = payload.v1_images(body)
             results = predict_batch(self.predictor, images, self.forward_lock)
-            return [instance_rows(inst) for inst in results]
+            return [payload.instance_rows(inst) for inst in results]
 
         async def predict(self, body, headers=None):
             try:  # in a worker thread: the event loop keeps answering health checks
@@ -70,10 +68,6 @@ def build_model(name: str, model_dir: str, device: str = "cpu"):
     model = CellSegKServe()
     model.load()
     return model
-
-
-def one_line(err: Exception) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def one_line_errors(app) -> None:
@@ -117,12 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     import kserve
     from kserve.model_server import app
 
-    from cellseg.evaluation.inference import set_inference_threads
+    from cellseg.runtime import set_inference_threads
 
     args = parser().parse_args(argv)
     set_inference_threads(args.threads)
     try:
-        model = build_model(args.model_name, args.model_dir, args.device)
+        model = load_kserve_model(args.model_name, args.model_dir, args.device)
     except CellsegError as err:
         raise SystemExit(f"cellseg serve: error: {one_line(err)}") from None
     one_line_errors(app)

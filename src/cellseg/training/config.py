@@ -24,8 +24,8 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass
 
-from cellseg.classes import CLASS_NAMES
 from cellseg.errors import ConfigError
+from cellseg.model.postprocess_params import PostprocessParams
 
 
 def _pair(value):
@@ -34,11 +34,13 @@ def _pair(value):
 
 
 Side = Annotated[int, Field(gt=0, multiple_of=16)]
-ClassName = Literal[CLASS_NAMES]  # the tuple's items
 
 
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
-class TrainConfig:
+class TrainConfig(PostprocessParams):
+    """Everything one training phase reads, and the post-processing its checkpoint carries
+    (the inherited :class:`~cellseg.model.postprocess_params.PostprocessParams` keys)."""
+
     # model
     backbone: str = "vit_tiny"  # a cellseg.model.factory registry entry or any timm ViT name
     weights: str | None = None  # None: random init; "default", an hf-hub: id or a local file
@@ -57,7 +59,9 @@ class TrainConfig:
     warmup_epochs: Annotated[int, Field(ge=0)] = 1
     patience: Annotated[int, Field(ge=1)] = 10  # epochs without val improvement before stopping
     min_delta: float = 0.0
-    # Phase 2 LoRA on the backbone's attention qkv (the decoder's LR there is fixed at 1e-4)
+    # Phase 2: LoRA on the backbone's attention qkv; the decoder at its own, lower LR (the
+    # notebook's fix: whatever lr the adapters get, the trained decoder moves slowly)
+    decoder_lr: Annotated[float, Field(gt=0)] = 1e-4  # Phase 1 trains the decoder at lr
     lora_rank: Annotated[int, Field(ge=1)] = 8
     lora_alpha: Annotated[float, Field(gt=0)] = 16.0  # adapter scale = alpha / rank
     lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
@@ -70,14 +74,6 @@ class TrainConfig:
     deterministic: bool = False
     limit_train_images: Annotated[int, Field(ge=0)] = 0  # 0 = all; for quick tries
     limit_val_images: Annotated[int, Field(ge=0)] = 0
-    # inference (saved with the checkpoint, read by the predictor's post-processing)
-    np_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5  # cell probability = foreground
-    markers: Literal["sobel", "slope"] = "sobel"  # watershed markers (evaluation/postprocess.py)
-    min_marker_area: Annotated[int, Field(ge=1)] = 10  # pixels, at the working resolution
-    boundary_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.4  # sobel: energy = boundary
-    merge_touching: tuple[ClassName, ...] = ()  # classes whose cells lie apart (postprocess.py)
-    border_score: Annotated[float, Field(gt=0, le=1)] = 1.0  # score factor, cells on the edge
-    keep_markerless: bool = False  # a foreground region without a surviving marker: a cell
 
     @field_validator("train_crop")
     @classmethod

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from cellseg.errors import TrainingError
+from cellseg.runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -25,19 +25,6 @@ class World:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    if preference == "auto":
-        preference = "cuda" if torch.cuda.is_available() else "cpu"
-    if preference == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError(
-                "device=cuda but no CUDA device is visible: use --set device=cpu (or auto), "
-                "or run on a GPU node"
-            )
-        return torch.device("cuda", local_rank)
-    return torch.device(preference)
 
 
 def init_world(device_preference: str) -> World:

@@ -66,7 +66,6 @@ from cellseg.training.distributed import (
 )
 from cellseg.training.losses import Total, hovernet_loss, local_total
 
-PHASE2_DECODER_LR = 1e-4  # the notebook's fix: whatever the global LR, the decoder moves slowly
 LOSS_TERMS = ("total", "np", "hv", "nc")
 
 
@@ -140,7 +139,7 @@ def find_phase1_checkpoint(init: Path | None, out: Path) -> Path:
         ) from None
 
 
-def build_model(config: TrainConfig, phase: int) -> tuple[CellSegModel, bool]:
+def model_for_phase(config: TrainConfig, phase: int) -> tuple[CellSegModel, bool]:
     """The model for ``phase`` and whether its backbone came pretrained."""
     pretrained = phase == 1 and config.weights is not None
     # Phase 2's backbone weights come from the Phase 1 checkpoint, so no download here.
@@ -159,7 +158,7 @@ def build_model(config: TrainConfig, phase: int) -> tuple[CellSegModel, bool]:
 def param_groups(model: CellSegModel, phase: int, config: TrainConfig) -> list[dict]:
     decoder = [p for p in model.decoder.parameters() if p.requires_grad]
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-    groups = [{"params": decoder, "lr": PHASE2_DECODER_LR if phase == 2 else config.lr}]
+    groups = [{"params": decoder, "lr": config.decoder_lr if phase == 2 else config.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": config.lr})
     return groups
@@ -397,7 +396,7 @@ def setup_run(phase, data, out, config, init, tracker, world: World) -> Run:
     from Phase 1's checkpoint."""
     seed_everything(config.seed + world.rank, config.deterministic)
     latest = checkpoint_path(out, phase, LATEST)
-    model, pretrained = build_model(config, phase)
+    model, pretrained = model_for_phase(config, phase)
     resume = load_into(model, latest) if latest.is_file() else None
     if resume is None and phase == 2:
         source = find_phase1_checkpoint(init, out)
@@ -492,7 +491,7 @@ def train(
 
     Args:
         init: Phase 2 only: Phase 1's checkpoint file or folder (default: ``out``).
-        tracker: optional experiment logger (``cellseg.ops.tracking``); rank 0 only.
+        tracker: optional experiment logger (``cellseg.registry.tracking``); rank 0 only.
     """
     if phase not in (1, 2):
         raise TrainingError(f"phase must be 1 or 2, got {phase}")

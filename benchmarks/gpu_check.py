@@ -24,63 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from cellseg.bench import Row, _bench_setup, _train_step_throughput
+from benchmarks.training_steps import Row, step_figures
 
-# Dense bf16 peak per chip (tensor cores, no sparsity); the H200 is an H100 with more memory.
-BF16_DENSE_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 QUICK = ["backbone=test_vit", "decoder_width=0", "image_size=64,96", "batch_size=2",
          "num_workers=0", "device=cpu", "amp=none"]  # fmt: skip
-
-
-def peak_flops() -> float | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in BF16_DENSE_PEAK.items() if k in name), None)
-
-
-def step_figures(data: Path, phase: int, compiled: bool, overrides: list[str], steps: int) -> dict:
-    """One phase's whole training step: img/s, FLOPs per image, MFU, peak memory."""
-    import itertools
-
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from cellseg.training.loop import forward_loss
-
-    config, model, optimizer, loader, device = _bench_setup(
-        "uni-gpu", phase, data, ["weights=null", *overrides], freeze_backbone=phase == 1
-    )
-    batches = itertools.cycle(loader)
-    with FlopCounterMode(display=False) as counter:  # counted eagerly: the same math
-        forward_loss(model, next(batches), config, device)["total"].backward()
-    optimizer.zero_grad(set_to_none=True)
-    flops_per_image = counter.get_total_flops() / config.batch_size
-    step_model = torch.compile(model) if compiled else model
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    ips = _train_step_throughput(step_model, optimizer, batches, config, device, steps)
-    cached = [next(batches) for _ in range(2)]
-    preloaded = _train_step_throughput(
-        step_model, optimizer, itertools.cycle(cached), config, device, steps
-    )
-    peak = peak_flops()
-    return {
-        "phase": phase,
-        "compiled": compiled,
-        "image_size": list(config.image_size),
-        "batch_size": config.batch_size,
-        "img_per_s": ips,
-        "preloaded_img_per_s": preloaded,
-        "loader_ratio": ips / preloaded,
-        "gflops_per_image": flops_per_image / 1e9,
-        "mfu": flops_per_image * ips / peak if peak else None,
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9
-        if device.type == "cuda"
-        else None,
-    }
 
 
 def cellseg(*args: str) -> list[str]:

@@ -6,7 +6,7 @@ champion (its own checkpoint, with the post-processing saved in it) and scores i
 test split, and the gate compares the two fresh results.
 
 The champion is pinned by version number when it is read: promotion later moves ``champion`` only
-if it still points to that version (see :func:`cellseg.ops.registry.promote`).
+if it still points to that version (see :func:`cellseg.registry.promotion.promote`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-BASELINE_FILE = "baseline.json"
+from cellseg.errors import one_line
+
+CHAMPION, CHALLENGER = "champion", "challenger"  # the registered model's aliases
+SCORE_FILE = "champion_score.json"
 
 
 @dataclass(frozen=True)
-class Baseline:
+class ChampionScore:
     """The champion a run compares against: which version, and its fresh test metrics."""
 
     version: str = ""  # "" = no champion when the run looked
@@ -39,25 +42,18 @@ class Baseline:
 
     def write(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / BASELINE_FILE
+        path = folder / SCORE_FILE
         path.write_text(json.dumps(asdict(self), indent=2))
         return path
 
     @classmethod
-    def read(cls, folder: Path) -> Baseline:
-        return cls(**json.loads((Path(folder) / BASELINE_FILE).read_text()))
-
-
-def one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return f"{type(err).__name__}: {text[:300]}"
+    def read(cls, folder: Path) -> ChampionScore:
+        return cls(**json.loads((Path(folder) / SCORE_FILE).read_text()))
 
 
 def champion_version(client, name: str) -> str:
     """The version ``champion`` points to now; "" when there is none."""
     from mlflow.exceptions import MlflowException
-
-    from cellseg.ops.registry import CHAMPION
 
     try:
         return str(client.get_model_version_by_alias(name, CHAMPION).version)
@@ -65,7 +61,7 @@ def champion_version(client, name: str) -> str:
         return ""
 
 
-def score_champion(data: Path, out: Path, name: str, device: str = "auto") -> Baseline:
+def score_champion(data: Path, out: Path, name: str, device: str = "auto") -> ChampionScore:
     """Load the current champion and evaluate it on ``data``'s test split (report in ``out``).
 
     A champion that cannot be loaded (artifact gone, format changed) or scored is returned with
@@ -74,15 +70,31 @@ def score_champion(data: Path, out: Path, name: str, device: str = "auto") -> Ba
     import mlflow
 
     from cellseg.evaluation.evaluate import evaluate
-    from cellseg.ops.model_ref import load_predictor
+    from cellseg.evaluation.inference import load_predictor
 
     version = champion_version(mlflow.MlflowClient(), name)
     if not version:
-        return Baseline()
+        return ChampionScore()
     uri = f"models:/{name}/{version}"  # the pinned version, not the alias: it may move meanwhile
     try:
         predictor = load_predictor(uri, device)  # the checkpoint's own post-processing
         metrics = evaluate(Path(data), predictor, Path(out), model_name=uri)
     except Exception as err:  # any failure to load or run the old model: named, not raised
-        return Baseline(version, None, one_line(err))
-    return Baseline(version, metrics)
+        return ChampionScore(version, None, f"{type(err).__name__}: {one_line(err)[:300]}")
+    return ChampionScore(version, metrics)
+
+
+def storage_uri_of(name: str, alias_or_version: str = CHAMPION) -> str:
+    """The KServe ``storageUri`` of a registered version (by alias, or by number)."""
+    import mlflow
+
+    from cellseg.serving.rollout import storage_uri
+
+    client = mlflow.MlflowClient()
+    if alias_or_version.isdigit():
+        mv = client.get_model_version(name, alias_or_version)
+    else:
+        mv = client.get_model_version_by_alias(name, alias_or_version)
+    if getattr(mv, "model_id", None):  # MLflow 3: the version is a logged model
+        return storage_uri(client.get_logged_model(mv.model_id).artifact_location)
+    return storage_uri(client.get_model_version_download_uri(name, mv.version))

@@ -3,7 +3,7 @@
 Converts BCCD once (``<out>/dataset``), trains Phase 1 and Phase 2 with the profile and any
 ``--set`` overrides, evaluates on **val** (where settings are chosen) and **test** (reported
 only), prints box AP@0.5 per class and the minutes taken, and appends one JSON line per run to
-``<out>/results.jsonl``: the raw material of the README's ablation table.
+``<out>/results.jsonl``: the raw material of docs/ablations.md.
 """
 
 from __future__ import annotations
@@ -73,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
-        "--portable-kernels", action="store_true", help="AVX2 CPU kernels (README: Reproducibility)"
+        "--portable-kernels", action="store_true", help="AVX2 CPU kernels (docs/reproducibility.md)"
     )
     args = parser.parse_args(argv)
     if args.portable_kernels:
-        from cellseg.threads import portable_cpu_kernels
+        from cellseg.runtime import portable_cpu_kernels
 
         portable_cpu_kernels()  # before torch computes anything
     name = args.name or (args.profile + "".join(f"+{o}" for o in args.set))

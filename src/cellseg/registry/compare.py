@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from cellseg.classes import CLASS_NAMES
-from cellseg.ops import tracking
-from cellseg.ops.registry import CHAMPION, MODEL_NAME
+from cellseg.registry import tracking
+from cellseg.registry.champion import champion_version
+from cellseg.settings import REGISTERED_MODEL
 
 KEY_METRICS = ("test_pq", "test_f1", "test_box_map50", "test_mask_map50")
 DATA_MD5_TAG = "cellseg.data_md5"
@@ -84,7 +85,7 @@ def runs_table(rows: list[dict]) -> str:
     return table(header, body)
 
 
-def side_by_side(a: dict, b: dict) -> str:
+def runs_side_by_side(a: dict, b: dict) -> str:
     header = ["metric", a["run"], b["run"]]
     names = [*KEY_METRICS]
     for c in CLASS_NAMES:
@@ -135,7 +136,7 @@ def _versus(tags: dict) -> str:
     return f"v{version} {tags.get('gate.champion_test_pq') or '-'}"
 
 
-def plot_history(rows: list[dict], path: Path, champion: str | None = None) -> int | None:
+def plot_history(rows: list[dict], path: Path, champion: str = "") -> int | None:
     """Test metrics over the pipeline runs, oldest first; the run that registered the champion
     version is marked. Returns that run's position (1-based) in the plot, or None."""
     import matplotlib
@@ -169,15 +170,6 @@ def plot_history(rows: list[dict], path: Path, champion: str | None = None) -> i
     return marked
 
 
-def champion_version(client, name: str) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(name, CHAMPION).version)
-    except MlflowException:
-        return None
-
-
 def compare(
     n: int = 10, runs: list[str] | None = None, png: Path | None = None, uri: str | None = None
 ) -> str:
@@ -196,14 +188,14 @@ def compare(
                     f"no pipeline run {wanted!r} in experiment {tracking.EXPERIMENT!r}"
                 )
             chosen.append(match[0])
-        return side_by_side(*chosen)
+        return runs_side_by_side(*chosen)
     if png is not None and rows:
-        plot_history(rows, png, champion_version(client, MODEL_NAME))
+        plot_history(rows, png, champion_version(client, REGISTERED_MODEL))
     return "\n\n".join(
         [
             f"Last {len(rows)} pipeline run(s):",
             runs_table(rows) if rows else "(none yet: make pipeline-run)",
             "Registry:",
-            registry_table(client, MODEL_NAME),
+            registry_table(client, REGISTERED_MODEL),
         ]
     )

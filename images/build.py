@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cellseg.errors import CellsegError
 
-ENGINES = ("docker", "podman", "buildah")
+CONTAINER_TOOLS = ("docker", "podman", "buildah")
 DOCKERFILE = Path("images/gpu.Dockerfile")
 VENV_SITE = "/opt/venv/lib/python3.11/site-packages"
 GPU_STACK = ("torch", "nvidia", "triton")  # what only the GPU steps need
@@ -29,12 +29,14 @@ GPU_STACK = ("torch", "nvidia", "triton")  # what only the GPU steps need
 def detect_engine(preferred: str | None = None) -> str:
     """``preferred`` if it is installed, else the first of docker (with a daemon), podman,
     buildah found."""
-    for engine in [preferred] if preferred else ENGINES:
-        if engine not in ENGINES:
-            raise CellsegError(f"CONTAINER_ENGINE={engine}: expected one of {', '.join(ENGINES)}")
+    for engine in [preferred] if preferred else CONTAINER_TOOLS:
+        if engine not in CONTAINER_TOOLS:
+            raise CellsegError(
+                f"CONTAINER_ENGINE={engine}: expected one of {', '.join(CONTAINER_TOOLS)}"
+            )
         if shutil.which(engine) and (engine != "docker" or docker_daemon_answers()):
             return engine
-    wanted = preferred or " or ".join(ENGINES)
+    wanted = preferred or " or ".join(CONTAINER_TOOLS)
     raise CellsegError(f"no container engine: install {wanted} (or set CONTAINER_ENGINE)")
 
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-Row = tuple[str, str]
+from benchmarks.training_steps import Row, bench_setup, train_step_throughput
 
 
 def bench_conversion(source: Path, out: Path) -> list[Row]:
@@ -42,59 +42,14 @@ def bench_conversion(source: Path, out: Path) -> list[Row]:
     return rows
 
 
-def _train_step_throughput(model, optimizer, batches, config, device, steps: int) -> float:
-    """Images/s of the training step (the loop's ``forward_loss``, backward, optimizer step)
-    over ``batches`` (an iterator)."""
-    import torch
-
-    from cellseg.training.loop import forward_loss
-
-    def step(batch):
-        forward_loss(model, batch, config, device)["total"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    step(next(batches))  # warm-up
-    images, start = 0, time.perf_counter()
-    for _ in range(steps):
-        batch = next(batches)
-        step(batch)
-        images += batch["image"].shape[0]
-    return images / (time.perf_counter() - start)
-
-
-def _bench_setup(
-    profile: str, phase: int, data: Path, overrides: list[str] = (), freeze_backbone=False
-):
-    """The loop's own model, optimizer and loader for ``profile`` on one process."""
-    import torch
-
-    from cellseg.training.config import load_config
-    from cellseg.training.distributed import World, resolve_device
-    from cellseg.training.loop import build_data, build_model, build_optimization
-
-    config = load_config(profile, phase, overrides)
-    torch.manual_seed(0)
-    model, _ = build_model(config, phase)
-    if freeze_backbone:
-        model.backbone.requires_grad_(False)
-    world = World(0, 1, 0, resolve_device(config.device))
-    model.to(world.device)
-    loader, _, _ = build_data(data, config, world)  # the profile's samples (crops, focus)
-    optimizer, _ = build_optimization(model, phase, config, len(loader))
-    return config, model, optimizer, loader, world.device
-
-
 def bench_input_pipeline(data: Path, steps: int = 12) -> list[Row]:
     """The `local` profile's train step fed by the real DataLoader vs by tensors in memory."""
     import itertools
 
-    config, model, optimizer, loader, device = _bench_setup("local", 1, data)
-    real = _train_step_throughput(model, optimizer, itertools.cycle(loader), config, device, steps)
+    config, model, optimizer, loader, device = bench_setup("local", 1, data)
+    real = train_step_throughput(model, optimizer, itertools.cycle(loader), config, device, steps)
     cached = [b for b, _ in zip(loader, range(4), strict=False)]
-    preloaded = _train_step_throughput(
+    preloaded = train_step_throughput(
         model, optimizer, itertools.cycle(cached), config, device, steps
     )
     return [
@@ -106,24 +61,21 @@ def bench_input_pipeline(data: Path, steps: int = 12) -> list[Row]:
 
 def bench_postprocess(data: Path, n: int = 20) -> list[Row]:
     """Post-processing at 480x640 on one core, from exact maps of real test images."""
-    import cv2
     import numpy as np
-    import torch
 
+    from benchmarks.reference import classify_instances_reference, plain_watershed
     from cellseg.data.arrays import load_sample
     from cellseg.data.manifest import split_files
     from cellseg.evaluation.postprocess import (
-        PostprocessParams,
         classify_instances,
-        classify_instances_reference,
         grow_markers,
-        plain_watershed,
         watershed_instances,
     )
+    from cellseg.model.postprocess_params import PostprocessParams
+    from cellseg.runtime import set_inference_threads
     from cellseg.training.targets import hv_maps
 
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)  # one core, as the goal says
+    set_inference_threads(1)  # one core, as the goal says
     cases = []
     for stem in split_files(data, "test", n):
         s = load_sample(data, stem)
@@ -156,10 +108,10 @@ def random_checkpoint(data: Path, work: Path) -> Path:
     """A (random-init) local-profile model: the real architecture and input size."""
     from cellseg.model.checkpoint import save_checkpoint
     from cellseg.training.config import load_config
-    from cellseg.training.loop import build_model, checkpoint_meta
+    from cellseg.training.loop import checkpoint_meta, model_for_phase
 
     config = load_config("local", 1)
-    model, _ = build_model(config, 1)
+    model, _ = model_for_phase(config, 1)
     ckpt = work / "random.pt"
     if not ckpt.is_file():
         save_checkpoint(ckpt, model, checkpoint_meta(model, 1, config, data), 0, float("inf"))
@@ -168,13 +120,12 @@ def random_checkpoint(data: Path, work: Path) -> Path:
 
 def bench_evaluation(data: Path, work: Path) -> list[Row]:
     """Evaluating the 72 test images with a (random-init) local-profile model."""
-    import torch
-
     from cellseg.evaluation.evaluate import evaluate
     from cellseg.evaluation.inference import Predictor
+    from cellseg.runtime import set_inference_threads
 
     ckpt = random_checkpoint(data, work)
-    torch.set_num_threads(os.cpu_count() or 1)
+    set_inference_threads()
     start = time.perf_counter()
     metrics = evaluate(data, Predictor.from_checkpoint(ckpt), work / "eval", overlays=1)
     seconds = time.perf_counter() - start
@@ -296,8 +247,9 @@ def bench_serving(
 
     import psutil
 
-    from cellseg.evaluation.inference import Predictor, set_inference_threads
+    from cellseg.evaluation.inference import Predictor
     from cellseg.evaluation.predict import predict
+    from cellseg.runtime import set_inference_threads
 
     ckpt = random_checkpoint(data, work)
     paths = sorted((source / "JPEGImages").glob("*.jpg"))[:n]
@@ -352,7 +304,7 @@ def bench_serving(
 def bench_gpu(data: Path) -> list[Row]:
     """Whole Phase 1 / Phase 2 steps of the `uni-gpu` profile (eager); `make bench-gpu` does
     more (compiled steps, a training run, JSON)."""
-    from cellseg.gpu_check import step_figures
+    from benchmarks.training_steps import step_figures
 
     rows = []
     for phase in (1, 2):

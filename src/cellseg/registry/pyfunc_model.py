@@ -26,8 +26,7 @@ class CellSegServing(mlflow.pyfunc.PythonModel):
         import pandas as pd
 
         from cellseg.evaluation.inference import predict_batch
-        from cellseg.ops.registry import CELL_COLUMNS, instance_rows
-        from cellseg.serving.payload import mlflow_images
+        from cellseg.serving.payload import CELL_COLUMNS, instance_rows, mlflow_images
 
         results = predict_batch(self.predictor, mlflow_images(model_input))
         rows = [{**r, "image": i} for i, inst in enumerate(results) for r in instance_rows(inst)]

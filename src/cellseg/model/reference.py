@@ -1,5 +1,5 @@
-"""Model references, resolved at the edge (CLI, pipeline steps): a checkpoint file, a training
-folder, or an MLflow URI.
+"""Model references: a checkpoint file, a training folder, or an MLflow URI, resolved to the
+checkpoint file they name.
 
 ``models:/cellseg@champion``, ``models:/cellseg/3`` and ``runs:/<id>/model`` are downloaded with
 MLflow (imported only then) and resolved to the checkpoint the registered model carries; so is
@@ -30,11 +30,3 @@ def resolve_checkpoint(model_ref: str) -> Path:
 def mlflow_model_checkpoint(local: Path) -> Path:
     found = sorted(local.rglob("*.pt"))  # a registered model carries its one checkpoint
     return found[0] if len(found) == 1 else find_checkpoint(local / "artifacts")
-
-
-def load_predictor(model_ref: str, device: str = "auto"):
-    """A :class:`~cellseg.evaluation.inference.Predictor` for ``model_ref``, on ``device``
-    (``auto``: CUDA when present)."""
-    from cellseg.evaluation.inference import Predictor
-
-    return Predictor.from_checkpoint(resolve_checkpoint(model_ref), device)

@@ -162,3 +162,19 @@ def finish_parent(
     experiment_id = configure(uri, experiment)
     client = mlflow.MlflowClient()
     client.set_terminated(parent_run_id(experiment_id, pipeline_run_id, {}), "FINISHED")
+
+
+def flat_metrics(metrics: dict) -> dict[str, float]:
+    """``metrics.json`` (:func:`cellseg.evaluation.evaluate.evaluate`) as flat MLflow metric
+    names: ``test_pq``, ``test_pq_RBC``, ``test_void_box_map50``, ..."""
+    flat = {}
+    for key in ("pq", "sq", "rq", "f1", "precision", "recall", "aji", "bpq", "mpq"):
+        flat[f"test_{key}"] = metrics[key]
+    for key in ("box_map50", "box_map", "mask_map50", "mask_map"):
+        flat[f"test_{key}"] = metrics[key]
+    for name, pc in metrics["per_class"].items():
+        for key in ("pq", "f1", "box_ap50", "iou", "dice"):
+            flat[f"test_{key}_{name}"] = pc[key]
+    for key in ("pq", "f1", "box_map50", "mask_map50"):
+        flat[f"test_void_{key}"] = metrics["void_aware"][key]
+    return flat

@@ -1,0 +1,32 @@
+"""Where this process reaches the cluster from: the pod's own account inside a cluster, your
+kubeconfig outside it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cellseg.settings import NAMESPACE
+
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+def in_cluster() -> bool:
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def pod_namespace() -> str:
+    """This pod's namespace; :data:`cellseg.settings.NAMESPACE` outside a cluster."""
+    path = SERVICE_ACCOUNT / "namespace"
+    return path.read_text().strip() if path.is_file() else NAMESPACE
+
+
+def api_client():
+    """A ``kubernetes.client.ApiClient``: in-cluster credentials, else the kubeconfig."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()

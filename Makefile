@@ -133,9 +133,9 @@ base-image: ## A local stand-in base (Debian bookworm minbase, Python 3.11) for 
 crds: setup ## Download the pinned upstream CRDs the tests validate against (checksums) into ~/.cache/cellseg/crds
 	$(BIN)/python -m tests.crds
 
-doctor: setup ## Check the cluster against the requirements, one line each (ENGINE=trainjob, QUEUE=..., NAMESPACE=...)
+doctor: setup ## Check the cluster against the requirements, one line each (ENGINE=trainjob, QUEUE=..., NAMESPACE=..., SERVICE=...)
 	$(BIN)/cellseg doctor $(if $(ENGINE),--training-engine $(ENGINE)) $(if $(QUEUE),--queue-name $(QUEUE)) \
-		$(if $(NAMESPACE),--namespace $(NAMESPACE))
+		$(if $(NAMESPACE),--namespace $(NAMESPACE)) $(if $(SERVICE),--inference-service $(SERVICE))
 
 deploy: setup ## Apply the cluster manifests (OVERLAY=generic-gpu|gke-h100|kueue|kubeflow) with kubectl
 	$(BIN)/kubectl apply -k manifests/overlays/$(OVERLAY)

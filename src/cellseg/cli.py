@@ -189,6 +189,7 @@ def cmd_doctor(args: argparse.Namespace) -> None:
         kfp_host=os.environ.get("KFP_HOST", ""),
         kfp_token=os.environ.get("KFP_TOKEN", ""),
         account=args.as_account,
+        inference_service=args.inference_service,
     )
     results = run_checks(api_client(), options)
     for result in results:
@@ -327,6 +328,11 @@ def add_ops_commands(sub) -> None:
                         help="the Kueue LocalQueue runs will use")  # fmt: skip
     doctor.add_argument(
         "--mlflow-uri", default="", help="default: $MLFLOW_TRACKING_URI, else in-cluster"
+    )
+    doctor.add_argument(
+        "--inference-service",
+        default="",
+        help="the pipeline's inference_service: check the right to roll it",
     )
     doctor.add_argument(
         "--as", dest="as_account", default=None, metavar="USER",

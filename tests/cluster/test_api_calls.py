@@ -93,7 +93,7 @@ def test_a_launcher_run_makes_exactly_the_listed_calls(installed, kubelet, engin
 
 
 def test_the_base_rbac_grants_every_listed_call_in_its_namespace_only(installed):
-    api = as_user(installed.client("admin"), f"system:serviceaccount:{NAMESPACE}:{PIPELINE_SA}")
+    api = as_user(installed.client("admin"), PIPELINE_SA)
     for engine in ENGINES:
         for call in (*launcher_calls(engine), *STEP_CALLS):
             assert allowed(api, NAMESPACE, call), call.show()

@@ -59,6 +59,12 @@ def test_a_bare_namespace_fails_and_each_missing_piece_is_named(installed, mlflo
     assert "create trainjobs.trainer.kubeflow.org" in rbac and "get pods/log" in rbac
     steps = missing["RBAC: what KFP does in a step, as cellseg-pipeline in doctor-bare"]
     assert "create workflowtaskresults.argoproj.io" in steps
+    rolling = DoctorOptions(namespace="doctor-bare", engine="trainjob", mlflow_uri=mlflow_uri,
+                            inference_service="cellseg")  # fmt: skip
+    rollout = failed(run_checks(installed.client("admin"), rolling))
+    assert rollout["RBAC: what the promote step does, as cellseg-pipeline in doctor-bare"] == (
+        "denied: patch inferenceservices.serving.kserve.io"
+    )
     passed = {r.requirement for r in results if r.ok}
     assert "TrainJob CRD trainjobs.trainer.kubeflow.org v1alpha1" in passed  # with runtimePatches
     assert f"MLflow {mlflow_uri}/health" in passed

@@ -21,16 +21,17 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from cellseg import settings
-from cellseg.settings import PYTORCHJOB, TRAINJOB
 from cellseg.cluster.api_calls import (
     KUEUE_GROUP,
     KUEUE_VERSION,
+    ROLLOUT_CALLS,
     STEP_CALLS,
     ApiCall,
     launcher_calls,
 )
 from cellseg.cluster.jobs import ENGINES
 from cellseg.cluster.jobs import TRAINING_RUNTIME as RUNTIME
+from cellseg.settings import PYTORCHJOB, TRAINJOB
 
 KFP_MINIMUM = (2, 5, 0)  # nodeSelectorJson, tolerationJson, pvcNameParameter in the spec
 REQUIRED_FIELD = {TRAINJOB: "runtimePatches"}  # Trainer v2.3: node selector, tolerations
@@ -63,6 +64,7 @@ class DoctorOptions:
     kfp_host: str = ""
     kfp_token: str = ""
     account: str | None = None  # whose rights to check; None: the pipeline's; "": yours
+    inference_service: str = ""  # the InferenceService the promote step rolls; "" = none
 
     @property
     def pipeline_account(self) -> str:
@@ -252,15 +254,17 @@ def check_rbac(api, s: DoctorOptions) -> list[Result]:
         ))  # fmt: skip
         who, reviewer = "you", api
     needs = (
-        ("what the launcher does", launcher_calls(s.engine), "rbac.yaml"),
-        ("what KFP does in a step", STEP_CALLS, "kfp-steps-rbac.yaml"),
+        ("what the launcher does", launcher_calls(s.engine), "base/rbac.yaml"),
+        ("what KFP does in a step", STEP_CALLS, "base/kfp-steps-rbac.yaml"),
     )
+    if s.inference_service:
+        needs += (("what the promote step does", ROLLOUT_CALLS, "components/kserve/rbac.yaml"),)
     for what, calls, manifest in needs:
         requirement = f"RBAC: {what}, as {who} in {s.namespace}"
         denied = [c for c in calls if not allowed(reviewer, s.namespace, c)]
         if denied:
             detail = "denied: " + ", ".join(c.show() for c in denied)
-            fix = f"{DEPLOY} (manifests/base/{manifest} binds {who})"
+            fix = f"{DEPLOY} (manifests/{manifest} binds {who})"
             results.append(Result(requirement, False, detail, fix=fix))
         else:
             results.append(Result(requirement, True, ", ".join(c.show() for c in calls)))

@@ -19,10 +19,10 @@ from PIL import Image
 
 from cellseg.classes import CLASS_NAMES
 from cellseg.evaluation.inference import Predictor, predict_batch
-from cellseg.registry.champion import CHAMPION
+from cellseg.registry.champion import CHAMPION, storage_uri_of
 from cellseg.registry.promotion import promote, register
 from cellseg.serving.payload import instance_rows
-from cellseg.serving.rollout import PROXIED_ARTIFACTS, champion_storage_uri
+from cellseg.serving.rollout import PROXIED_ARTIFACTS
 from tests.integration.conftest import free_port
 from tests.integration.test_mlflow_registry import fake_metrics, new_run
 
@@ -178,9 +178,9 @@ def test_a_bad_payload_gets_400_with_one_line_and_the_server_keeps_serving(serve
 def test_the_champions_storage_uri_is_its_model_folder_on_the_mlflow_volume(
     champion_name, tmp_path_factory
 ):
-    uri = champion_storage_uri(champion_name)  # what the promote step patches in
+    uri = storage_uri_of(champion_name)  # what the promote step patches in
     assert uri.startswith(f"{PROXIED_ARTIFACTS}/"), uri
     # sqlite_mlflow_server's --artifacts-destination stands for the mlflow-store volume's artifacts/
     (artifacts,) = tmp_path_factory.getbasetemp().glob("mlflow-sqlite-only[0-9]*/artifacts")
     folder = artifacts / uri.removeprefix(f"{PROXIED_ARTIFACTS}/")
-    assert (folder / "MLmodel").is_file() and (folder / "serving_model.py").is_file()
+    assert (folder / "MLmodel").is_file() and (folder / "pyfunc_model.py").is_file()

@@ -91,7 +91,7 @@ def test_register_alias_load_by_alias_and_predict_on_a_bccd_image(
 
     # models-from-code: the version holds our source file and the checkpoint, no pickle
     files = [p.name for p in Path(mlflow.artifacts.download_artifacts(uri)).rglob("*")]
-    assert "serving_model.py" in files and not [f for f in files if f.endswith(".pkl")], files
+    assert "pyfunc_model.py" in files and not [f for f in files if f.endswith(".pkl")], files
 
     # `mlflow models serve` answers an HTTP request with the same rows as the loaded model
     # (as `make serve` does: the venv's bin first on PATH, where MLflow looks for uvicorn)

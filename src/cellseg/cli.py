@@ -144,16 +144,17 @@ def cmd_launch(args: argparse.Namespace) -> None:
     from cellseg.cluster.launch import run_job
     from cellseg.steps.train import TrainRequest, train_args
 
+    placement = {}  # without flags: the GPU nodes, as the pipeline targets them
+    if args.node_selector:
+        placement["node_selector"] = dict(kv.split("=", 1) for kv in args.node_selector)
+    if args.toleration:
+        placement["tolerations"] = tolerations_from(args.toleration)
     job = settings.TrainingJobSettings(
         training_engine=args.training_engine,
         image=args.image,
         num_nodes=args.num_nodes,
         gpus_per_node=args.gpus_per_node,
-        node_selector=dict(kv.split("=", 1) for kv in args.node_selector)
-        if args.node_selector
-        else dict(settings.GPU_NODE_SELECTOR),
-        tolerations=tolerations_from(args.toleration) if args.toleration else
-        settings.GPU_TOLERATIONS,
+        **placement,
         queue_name=args.queue_name,
         train_cpu_per_node=args.train_cpu_per_node,
         train_memory_per_node=args.train_memory_per_node,
@@ -161,9 +162,10 @@ def cmd_launch(args: argparse.Namespace) -> None:
         train_timeout_hours=args.train_timeout_hours,
         queue_timeout_hours=args.queue_timeout_hours,
         pending_timeout_minutes=args.pending_timeout_minutes,
-    )  # fmt: skip
-    request = TrainRequest(phase=args.phase, profile=args.profile, overrides=tuple(args.set),
-                           job=job)  # fmt: skip
+    )
+    request = TrainRequest(
+        phase=args.phase, profile=args.profile, overrides=tuple(args.set), job=job
+    )
     spec = JobSpec(
         name=args.name or job_name(args.pipeline_run, args.phase),
         train_args=tuple(train_args(request, args.data, args.out, args.init, None)),

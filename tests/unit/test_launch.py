@@ -207,3 +207,16 @@ def test_every_training_pod_stays_out_of_the_mesh_with_a_seccomp_profile(build, 
     nodes = SHAPES[shape]["num_nodes"]
     assert len(templates) == (1 if build is build_trainjob else min(nodes, 2))
     assert mesh_and_seccomp_problems(job) == []
+
+
+def test_launch_without_placement_flags_targets_the_gpu_nodes_as_the_pipeline_does():
+    from cellseg import settings
+
+    result = subprocess.run(
+        [sys.executable, "-m", "cellseg.cli", "launch", "--dry-run"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    pod = yaml.safe_load(result.stdout)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["nodeSelector"] == settings.GPU_NODE_SELECTOR
+    assert pod["tolerations"] == list(settings.GPU_TOLERATIONS)

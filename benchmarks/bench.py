@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from benchmarks.training_steps import Row, bench_setup, train_step_throughput
+from cellseg.settings import LOCAL_PROFILE
 
 
 def bench_conversion(source: Path, out: Path) -> list[Row]:
@@ -46,7 +47,7 @@ def bench_input_pipeline(data: Path, steps: int = 12) -> list[Row]:
     """The `local` profile's train step fed by the real DataLoader vs by tensors in memory."""
     import itertools
 
-    config, model, optimizer, loader, device = bench_setup("local", 1, data)
+    config, model, optimizer, loader, device = bench_setup(LOCAL_PROFILE, 1, data)
     real = train_step_throughput(model, optimizer, itertools.cycle(loader), config, device, steps)
     cached = [b for b, _ in zip(loader, range(4), strict=False)]
     preloaded = train_step_throughput(
@@ -110,7 +111,7 @@ def random_checkpoint(data: Path, work: Path) -> Path:
     from cellseg.training.config import load_config
     from cellseg.training.loop import checkpoint_meta, model_for_phase
 
-    config = load_config("local", 1)
+    config = load_config(LOCAL_PROFILE, 1)
     model, _ = model_for_phase(config, 1)
     ckpt = work / "random.pt"
     if not ckpt.is_file():

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.training_steps import Row, step_figures
+from cellseg.settings import CLUSTER_PROFILE
 
 QUICK = ["backbone=test_vit", "decoder_width=0", "image_size=64,96", "batch_size=2",
          "num_workers=0", "device=cpu", "amp=none"]  # fmt: skip
@@ -57,8 +58,8 @@ def training_run(data: Path, out: Path, overrides: list[str], epochs: int, subse
     sets = [a for o in ["weights=null", f"epochs={epochs}", f"limit_train_images={subset}",
                         f"limit_val_images={max(subset // 4, 2)}", *overrides]
             for a in ("--set", o)]  # fmt: skip
-    phase1 = cellseg("train", "--phase", 1, "--data", data, "--out", out, "--profile", "uni-gpu",
-                     *sets)  # fmt: skip
+    phase1 = cellseg("train", "--phase", 1, "--data", data, "--out", out,
+                     "--profile", CLUSTER_PROFILE, *sets)  # fmt: skip
     killed_after = kill_after_first_checkpoint(phase1, out / "latest_phase1.pt", 1800)
     start = time.monotonic()
     resumed = subprocess.run(phase1, capture_output=True, text=True)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from cellseg.classes import CLASS_NAMES
+from cellseg.settings import LOCAL_PROFILE
 
 
 def train_and_evaluate(source: Path, out: Path, profile: str, overrides: list[str], name: str):
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=Path("data/BCCD"))
     parser.add_argument("--out", type=Path, default=Path("out/quality"))
-    parser.add_argument("--profile", default="local")
+    parser.add_argument("--profile", default=LOCAL_PROFILE)
     parser.add_argument("--name", default="")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(

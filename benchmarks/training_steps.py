@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from cellseg.settings import CLUSTER_PROFILE
+
 Row = tuple[str, str]
 
 # Dense bf16 peak per chip (tensor cores, no sparsity); the H200 is an H100 with more memory.
@@ -77,7 +79,7 @@ def step_figures(data: Path, phase: int, compiled: bool, overrides: list[str], s
     from cellseg.training.loop import forward_loss
 
     config, model, optimizer, loader, device = bench_setup(
-        "uni-gpu", phase, data, ["weights=null", *overrides], freeze_backbone=phase == 1
+        CLUSTER_PROFILE, phase, data, ["weights=null", *overrides], freeze_backbone=phase == 1
     )
     batches = itertools.cycle(loader)
     with FlopCounterMode(display=False) as counter:  # counted eagerly: the same math

@@ -350,7 +350,9 @@ def add_ops_commands(sub) -> None:
     rollout.add_argument("--namespace", default=settings.NAMESPACE)
     rollout.add_argument("--model-name", default=settings.REGISTERED_MODEL,
                          help="registered model")  # fmt: skip
-    rollout.add_argument("--version", default="champion", help="an alias or a version number")
+    from cellseg.registry.champion import CHAMPION  # a constant; mlflow loads at call time
+
+    rollout.add_argument("--version", default=CHAMPION, help="an alias or a version number")
     rollout.add_argument(
         "--canary", type=int, default=0, metavar="PERCENT", help="1..99: a canary share; 0: all"
     )

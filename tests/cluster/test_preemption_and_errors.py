@@ -50,7 +50,10 @@ def suspend(operator: Operator, name: str) -> None:
 
 
 def evicted_workload(operator: Operator, name: str) -> None:
-    """The job's Workload as Kueue writes it when another workload preempts it."""
+    """The job's Workload as Kueue writes it when another workload preempts it: through
+    ``v1beta2``, the storage version of kubernetes-sigs/kueue v0.19.2's
+    ``config/components/crd/bases/kueue.x-k8s.io_workloads.yaml`` (v1beta1 is still served), the
+    version the launcher reads."""
     job = operator.wait_for(name)
     address = (KUEUE_GROUP, KUEUE_VERSION, NAMESPACE, "workloads")  # as Kueue 0.19 stores it
     workload = {

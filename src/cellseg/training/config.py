@@ -26,6 +26,7 @@ from pydantic.dataclasses import dataclass
 
 from cellseg.errors import ConfigError
 from cellseg.model.postprocess_params import PostprocessParams
+from cellseg.settings import CLUSTER_PROFILE, LOCAL_PROFILE
 
 
 def _pair(value):
@@ -85,7 +86,7 @@ class TrainConfig(PostprocessParams):
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-PROFILES = ("local", "uni-gpu")
+PROFILES = (LOCAL_PROFILE, CLUSTER_PROFILE)
 _VALIDATOR = TypeAdapter(TrainConfig)
 
 

@@ -4,7 +4,8 @@
 2. whole Phase 1 and Phase 2 training steps (decoder, losses, real loader) of the profile's
    backbone (``uni-gpu``: ViT-L/16, UNI's shape, random weights) at full resolution in bf16,
    eager and ``torch.compile``d: img/s, MFU (FLOPs from ``FlopCounterMode`` / time / the chip's
-   dense bf16 peak), peak memory, and the real loader against pre-loaded tensors;
+   dense bf16 peak), peak memory, the real loader against pre-loaded tensors, and the share of
+   an epoch (the train split at that speed) that its checkpoints hold training up;
 3. a real ``cellseg train`` run of the profile on a subset, killed after its first checkpoint and
    started again (it must resume), Phase 2 from it, then ``cellseg evaluate`` on the device:
    the code paths only a GPU runs (bf16 autocast, NCCL-ready set-up, pinned memory, workers).
@@ -97,6 +98,15 @@ def table(results: dict) -> list[Row]:
             f"{s['img_per_s']:.1f} img/s, {mfu} (goal >= {goal}){mem}, "
             f"loader/pre-loaded {s['loader_ratio']:.2f}",
         ))  # fmt: skip
+        if "checkpoint_share" in s:
+            mb = s["checkpoint_mb"]
+            rows.append((
+                f"phase {s['phase']} checkpoints per epoch",
+                f"{100 * s['checkpoint_share']:.1f} % of an epoch (goal <= 5 %): held "
+                f"{s['checkpoint_held_s']:.2f} s, {s['checkpoint_write_s']:.2f} s written in the "
+                f"background; latest {mb['latest']:.1f} MB + frozen {mb['frozen']:.1f} MB once, "
+                f"best {mb['best']:.1f} MB",
+            ))  # fmt: skip
     run = results.get("training_run")
     if run:
         rows.append(("train: killed after first checkpoint", f"{run['killed_after_s']:.0f} s"))
@@ -134,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     results["convert_s"] = time.monotonic() - start
     variants = [False] if args.no_compile or args.quick else [False, True]  # compiling: GPU only
     results["steps"] = [
-        step_figures(data, phase, compiled, overrides, args.steps)
+        step_figures(data, phase, compiled, overrides, args.steps, checkpoints)
         for phase in (1, 2)
         for compiled in variants
+        for checkpoints in [None if compiled else args.out / f"checkpoints-phase{phase}"]
     ]
     results["training_run"] = training_run(
         data, args.out / "train", overrides, args.epochs, args.subset

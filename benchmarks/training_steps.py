@@ -52,7 +52,7 @@ def bench_setup(
     """The loop's own model, optimizer and loader for ``profile`` on one process."""
     import torch
 
-    from cellseg.runtime import resolve_device
+    from cellseg.runtime import configure_backends, place_model, resolve_device
     from cellseg.training.config import load_config
     from cellseg.training.distributed import World
     from cellseg.training.loop import build_data, build_optimization, model_for_phase
@@ -63,14 +63,50 @@ def bench_setup(
     if freeze_backbone:
         model.backbone.requires_grad_(False)
     world = World(0, 1, 0, resolve_device(config.device))
-    model.to(world.device)
+    place_model(model, world.device)
+    configure_backends(world.device)
     loader, _, _ = build_data(data, config, world)  # the profile's samples (crops, focus)
-    optimizer, _ = build_optimization(model, phase, config, len(loader))
+    optimizer, _ = build_optimization(model, phase, config, len(loader), world.device)
     return config, model, optimizer, loader, world.device
 
 
-def step_figures(data: Path, phase: int, compiled: bool, overrides: list[str], steps: int) -> dict:
-    """One phase's whole training step: img/s, FLOPs per image, MFU, peak memory."""
+def checkpoint_figures(model, optimizer, config, phase: int, data: Path, out: Path, epoch_s: float):
+    """What the loop's checkpoints cost per epoch (each epoch here writes ``best`` and
+    ``latest``, the worst case): seconds training is held (the copy to the CPU, plus any
+    write still running when the next epoch ends) and seconds of writing in the background,
+    the first epoch's frozen weights included."""
+    from cellseg.training.loop import checkpoint_meta
+    from cellseg.training.saver import CheckpointSaver
+
+    epochs, held = 3, 0.0
+    saver = CheckpointSaver(out, phase)
+    meta = checkpoint_meta(model, phase, config, data)
+    for epoch in range(1, epochs + 1):
+        resume = {"optimizer": optimizer.state_dict(), "bad_epochs": 0}
+        held += saver.save(model, meta, epoch, 1.0, improved=True, resume=resume)
+        saver.wait()  # an epoch passes between two saves
+    saver.close()
+    write_s = saver.write_seconds / epochs
+    held_s = held / epochs + max(0.0, write_s - epoch_s)
+    size = {k: (out / f"{k}_phase{phase}.pt") for k in ("best", "latest", "frozen")}
+    return {
+        "checkpoint_held_s": held_s,
+        "checkpoint_write_s": write_s,
+        "checkpoint_share": held_s / (epoch_s + held_s),
+        "checkpoint_mb": {k: p.stat().st_size / 1e6 if p.is_file() else 0 for k, p in size.items()},
+    }
+
+
+def step_figures(
+    data: Path,
+    phase: int,
+    compiled: bool,
+    overrides: list[str],
+    steps: int,
+    checkpoints: Path | None = None,
+) -> dict:
+    """One phase's whole training step: img/s, FLOPs per image, MFU, peak memory; with
+    ``checkpoints`` (a scratch folder), also what checkpointing costs an epoch."""
     import itertools
 
     import torch
@@ -95,6 +131,10 @@ def step_figures(data: Path, phase: int, compiled: bool, overrides: list[str], s
         step_model, optimizer, itertools.cycle(cached), config, device, steps
     )
     peak = peak_flops()
+    epoch_s = len(loader.dataset) / ips
+    costs = {}
+    if checkpoints is not None:
+        costs = checkpoint_figures(model, optimizer, config, phase, data, checkpoints, epoch_s)
     return {
         "phase": phase,
         "compiled": compiled,
@@ -108,4 +148,6 @@ def step_figures(data: Path, phase: int, compiled: bool, overrides: list[str], s
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9
         if device.type == "cuda"
         else None,
+        "epoch_s": epoch_s,
+        **costs,
     }

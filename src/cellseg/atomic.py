@@ -9,16 +9,45 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 @contextlib.contextmanager
-def replacing(path: Path) -> Iterator[Path]:
-    """A temporary sibling of ``path`` to write; it becomes ``path`` only if the block succeeds."""
+def replacing(path: Path, durable: bool = False) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write; it becomes ``path`` only if the block succeeds.
+
+    ``durable``: the data reach the disk before the rename, and the rename before the return,
+    so a machine that loses power keeps the old file or the new one (not an empty one)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(path)
     try:
         yield tmp
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete what :func:`replacing` left of ``path`` in processes killed mid-write (their
+    temporary siblings); returns them. Only for files this process alone writes."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.tmp-*"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def write_text(path: Path, text: str) -> None:

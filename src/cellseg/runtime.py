@@ -109,3 +109,38 @@ def resolve_device(preference: str = "auto", local_rank: int | None = None):
         if device.index is None and local_rank is not None:
             device = torch.device("cuda", local_rank)
     return device
+
+
+def uses_channels_last(device) -> bool:
+    """Whether convolutions on ``device`` take channels-last tensors: on CUDA, where cuDNN's
+    tensor-core kernels want NHWC and a contiguous NCHW input costs a transpose per layer; on
+    the CPU the layout stays as it is (its oneDNN kernels pick their own)."""
+    return device.type == "cuda"
+
+
+def place_model(model, device):
+    """``model`` moved to ``device`` in the layout its convolutions run fastest in there."""
+    import torch
+
+    if uses_channels_last(device):
+        return model.to(device, memory_format=torch.channels_last)
+    return model.to(device)
+
+
+def place_images(images, device):
+    """A (B, 3, H, W) image batch moved to ``device`` in the layout :func:`place_model` chose
+    (asynchronously from pinned memory)."""
+    import torch
+
+    if uses_channels_last(device):
+        return images.to(device, memory_format=torch.channels_last, non_blocking=True)
+    return images.to(device, non_blocking=True)
+
+
+def configure_backends(device) -> None:
+    """cuDNN's autotuner on CUDA: the training shapes repeat every step, so the fastest
+    convolution algorithm is found once per shape and reused."""
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True

@@ -27,7 +27,11 @@ def test_the_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
     assert [(s["phase"], s["compiled"]) for s in figures["steps"]] == [(1, False), (2, False)]
     assert all(s["img_per_s"] > 0 and s["gflops_per_image"] > 0 for s in figures["steps"])
     assert all(s["mfu"] is None for s in figures["steps"])  # no chip peak on a CPU
+    for s in figures["steps"]:  # Phase 1's backbone and Phase 2's base weights: frozen
+        assert 0 < s["checkpoint_share"] < 1 and s["checkpoint_write_s"] > 0
+        assert s["checkpoint_mb"]["frozen"] > 0
     run = figures["training_run"]
     assert run["evaluated_images"] == 2 and 0 <= run["box_map50"] <= 1
     assert (out / "train" / "best_phase2.pt").is_file()
     assert "phase 1 step, eager" in result.stdout
+    assert "phase 2 checkpoints per epoch" in result.stdout

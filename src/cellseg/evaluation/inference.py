@@ -18,7 +18,7 @@ from cellseg.model.checkpoint import model_from_checkpoint
 from cellseg.model.factory import CellSegModel
 from cellseg.model.postprocess_params import PostprocessParams, postprocess_params
 from cellseg.model.reference import resolve_checkpoint
-from cellseg.runtime import resolve_device
+from cellseg.runtime import place_images, place_model, resolve_device
 
 MAX_PIXELS = 4096 * 4096
 
@@ -50,8 +50,9 @@ class Predictor:
     """``predictor(image)`` or ``predictor.predict_batch(images)``: instances per image.
 
     Images go through the network ``batch_size`` at a time (images of one padded size share a
-    forward pass); on CUDA the forward runs under bf16 autocast, on the CPU in fp32, so CPU
-    results do not depend on the batching beyond float rounding.
+    forward pass); on CUDA the forward runs under bf16 autocast in channels-last layout, as
+    training does there, on the CPU in fp32, so CPU results do not depend on the batching
+    beyond float rounding.
     """
 
     model: CellSegModel
@@ -66,7 +67,8 @@ class Predictor:
         model, meta = model_from_checkpoint(Path(path))
         params = postprocess_params(meta.config)  # as chosen on val when it was trained
         where = resolve_device(device)
-        return cls(model.to(where), meta.scale, where, params, batch_size, meta.chosen_phase)
+        model = place_model(model, where)
+        return cls(model, meta.scale, where, params, batch_size, meta.chosen_phase)
 
     def check(self, image: np.ndarray) -> np.ndarray:
         """``image`` as (H, W, 3) uint8 within the size limits; raises InputError."""
@@ -109,7 +111,7 @@ class Predictor:
         for group in by_shape.values():
             for start in range(0, len(group), self.batch_size):
                 chunk = group[start : start + self.batch_size]
-                x = torch.stack([inputs[i] for i in chunk]).to(self.device)
+                x = place_images(torch.stack([inputs[i] for i in chunk]), self.device)
                 with self._autocast():
                     out = self.model(x)
                 np_prob = out["np"].float().softmax(1)[:, 1].cpu().numpy()

@@ -4,6 +4,12 @@ A checkpoint is a ``torch.save`` dict read back with ``weights_only=True``: the 
 :class:`CheckpointMeta` (how to rebuild the model and feed it), the epoch and best validation
 loss, and, in ``latest`` files, the state to resume from. Its ``format`` tag is checked on read.
 
+A ``latest`` file of a run with frozen weights (Phase 1's pretrained backbone, Phase 2's base
+weights under the adapters) holds only what trains, plus a reference to ``frozen_phase<N>.pt``
+beside it: those weights, written once per run, and their sha256. Reading such a checkpoint
+reads both and checks the digest, so every reader sees the whole model; a missing or changed
+frozen file is an error. ``best`` files are always whole (they are what ships).
+
 Keys are compared in a canonical form: without DDP's ``module.``, ``torch.compile``'s
 ``_orig_mod.`` and peft's ``base_model.model.`` prefixes, and peft's ``.base_layer`` (the frozen
 Linear a LoRA layer wraps). A LoRA checkpoint loaded into a model without adapters has its
@@ -13,6 +19,7 @@ model leaves the fresh adapters as they are (B = 0, so the function is unchanged
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
 from dataclasses import asdict, dataclass
@@ -23,7 +30,8 @@ from cellseg.atomic import replacing
 from cellseg.errors import CheckpointError
 
 FORMAT = "cellseg-checkpoint/1"
-BEST, LATEST = "best", "latest"
+FROZEN_FORMAT = "cellseg-frozen-weights/1"
+BEST, LATEST, FROZEN = "best", "latest", "frozen"
 _PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 _LORA = re.compile(r"\.lora_(A|B)\.[^.]+\.weight$")
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # how torch's weights_only names a refused global
@@ -34,8 +42,16 @@ if TYPE_CHECKING:  # torch is imported where tensors are read or written, so tha
 
 
 def checkpoint_path(folder: Path, phase: int, kind: str = BEST) -> Path:
-    """``<folder>/best_phase<N>.pt`` or ``latest_phase<N>.pt``."""
+    """``<folder>/best_phase<N>.pt``, ``latest_phase<N>.pt`` or ``frozen_phase<N>.pt``."""
     return Path(folder) / f"{kind}_phase{phase}.pt"
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The files a checkpoint needs, to copy it elsewhere: ``path`` and, for a ``latest``
+    file, the frozen weights beside it when there are any."""
+    path = Path(path)
+    frozen = path.with_name(path.name.replace(f"{LATEST}_", f"{FROZEN}_", 1))
+    return [path, frozen] if path.name.startswith(f"{LATEST}_") and frozen.is_file() else [path]
 
 
 def find_checkpoint(path: Path, phases: tuple[int, ...] = (2, 1)) -> Path:
@@ -95,23 +111,53 @@ class CheckpointMeta:
         return cls(**values)
 
 
-def save_checkpoint(
-    path: Path,
-    model: nn.Module,
+def snapshot(value):
+    """``value`` (tensors in dicts, lists and tuples) with every tensor copied to the CPU, so
+    that it can be written while training goes on changing the originals."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(snapshot(v) for v in value)
+    return value
+
+
+def frozen_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys of the parameters that do not train."""
+    return [name for name, p in model.named_parameters() if not p.requires_grad]
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, types, shapes and bytes, in key order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def checkpoint_payload(
+    weights: dict[str, torch.Tensor],
     meta: CheckpointMeta,
     epoch: int,
     best_metric: float,
     resume: dict | None = None,
-) -> None:
-    """Write the checkpoint atomically (a reader never sees half a file).
+    frozen: dict | None = None,
+) -> dict:
+    """What a checkpoint file holds.
 
     Args:
+        weights: the model's state (CPU tensors); without the frozen keys when ``frozen``.
         resume: for ``latest`` files: optimizer, scheduler, early-stopping and RNG state.
+        frozen: ``{"file": name, "sha256": digest}`` of the frozen weights beside it.
     """
-    import torch
-
-    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {
+    return {
         "format": FORMAT,
         **asdict(meta),
         "image_size": list(meta.image_size),
@@ -120,9 +166,67 @@ def save_checkpoint(
         "epoch": epoch,
         "best_metric": best_metric,
         **(resume or {}),
+        **({"frozen": frozen} if frozen else {}),
     }
-    with replacing(path) as tmp:
+
+
+def write_payload(path: Path, payload: dict) -> None:
+    """``torch.save`` ``payload`` to ``path`` atomically and durably: a reader (or a run killed
+    mid-write, or a node that loses power) sees the previous file or the new one, whole."""
+    import torch
+
+    with replacing(path, durable=True) as tmp:
         torch.save(payload, tmp)
+
+
+def write_frozen(path: Path, weights: dict[str, torch.Tensor]) -> dict:
+    """Write frozen ``weights`` (CPU tensors) to ``path``; returns the reference a ``latest``
+    checkpoint keeps to them."""
+    digest = weights_digest(weights)
+    write_payload(path, {"format": FROZEN_FORMAT, "sha256": digest, "weights": weights})
+    return {"file": Path(path).name, "sha256": digest}
+
+
+def read_frozen(checkpoint: Path, ref: dict) -> dict:
+    """The frozen weights a ``latest`` checkpoint refers to, checked against its digest."""
+    import torch
+
+    path = Path(checkpoint).with_name(ref["file"])
+    if not path.is_file():
+        raise CheckpointError(
+            f"{checkpoint}: its frozen weights {path.name} are missing (written once per run "
+            "beside it: copy them with it)"
+        )
+    try:
+        found = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not readable frozen weights ({first})") from None
+    if not isinstance(found, dict) or found.get("format") != FROZEN_FORMAT:
+        raise CheckpointError(f"{path}: not a frozen-weights file ({FROZEN_FORMAT!r})")
+    if weights_digest(found["weights"]) != ref["sha256"]:
+        raise CheckpointError(
+            f"{checkpoint}: {path.name} has changed since it was written (sha256 differs): "
+            "it belongs to another run"
+        )
+    return found["weights"]
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    meta: CheckpointMeta,
+    epoch: int,
+    best_metric: float,
+    resume: dict | None = None,
+) -> None:
+    """Write a whole checkpoint of ``model`` atomically (a reader never sees half a file).
+
+    Args:
+        resume: for ``latest`` files: optimizer, scheduler, early-stopping and RNG state.
+    """
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    write_payload(path, checkpoint_payload(weights, meta, epoch, best_metric, resume))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -150,6 +254,8 @@ def load_checkpoint(path: Path) -> dict:
             f"{path}: checkpoint format {found!r}, this cellseg reads {FORMAT!r} "
             "(a backbone weights file goes in the config's `weights`, not here)"
         )
+    if ckpt.get("frozen"):
+        ckpt["model"] = {**read_frozen(path, ckpt["frozen"]), **ckpt["model"]}
     return ckpt
 
 

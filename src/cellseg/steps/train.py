@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cellseg import settings
 from cellseg.errors import TrainingError
-from cellseg.model.checkpoint import BEST, checkpoint_path, find_checkpoint
+from cellseg.model.checkpoint import BEST, checkpoint_files, checkpoint_path, find_checkpoint
 from cellseg.registry import tracking
 from cellseg.settings import TrainingJobSettings
 
@@ -70,10 +70,11 @@ def stage_on_volume(data: Path, init: Path | None, run_root: Path) -> tuple[Path
     if init is None:
         return shared_data, None
     source = find_checkpoint(init)
-    staged = run_root / "inputs" / source.name
-    staged.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(source, staged)
-    return shared_data, staged
+    inputs = run_root / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    for path in checkpoint_files(source):  # a `latest` and its frozen weights
+        shutil.copy2(path, inputs / path.name)
+    return shared_data, inputs / source.name
 
 
 def train_step(

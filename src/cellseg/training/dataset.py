@@ -14,14 +14,27 @@ from cellseg.training.augment import build_transform, crop_window
 from cellseg.training.losses import CLASS_WEIGHTS
 from cellseg.training.targets import hv_maps
 
+# What a sample's arrays travel as from the loader workers to the step: the compact types
+# that hold them exactly (a 480x640 sample is 4.3 MB instead of 11). The step's device
+# converts them (:func:`~cellseg.training.loop.to_device`). HV stays float32: quantising it
+# would change the targets.
+SAMPLE_DTYPES = {
+    "image": torch.uint8,
+    "np": torch.uint8,
+    "hv": torch.float32,
+    "nc": torch.uint8,
+    "ignore": torch.bool,
+}
+
 
 def to_tensors(image: np.ndarray, instance: np.ndarray, classes: np.ndarray, ignore: np.ndarray):
-    """Model inputs and targets from (augmented) arrays; HV maps computed here."""
+    """Model input and targets from (augmented) arrays, as :data:`SAMPLE_DTYPES`: the image
+    (3, H, W) in 0-255, NP 1 on cell pixels, HV maps computed here, NC class ids, ignore."""
     return {
-        "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 255,
-        "np": torch.from_numpy((instance > 0).astype(np.int64)),
+        "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+        "np": torch.from_numpy((instance > 0).astype(np.uint8)),
         "hv": torch.from_numpy(hv_maps(instance)),
-        "nc": torch.from_numpy(classes.astype(np.int64)),
+        "nc": torch.from_numpy(classes.astype(np.uint8)),
         "ignore": torch.from_numpy(ignore.astype(bool)),
     }
 

@@ -15,6 +15,7 @@ term.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -26,6 +27,13 @@ DICE_SMOOTH = 1e-3  # HoVer-Net's
 _EPS = 1e-6
 
 Total = Callable[[torch.Tensor], torch.Tensor]
+
+
+@functools.cache
+def class_weight_tensor(device: torch.device) -> torch.Tensor:
+    """:data:`CLASS_WEIGHTS` on ``device``, copied there once per process: a tensor built from
+    Python numbers inside the step is a host-to-device copy, and the host waits for it."""
+    return torch.tensor(CLASS_WEIGHTS, device=device)
 
 
 def local_total(values: torch.Tensor) -> torch.Tensor:
@@ -53,7 +61,7 @@ def cross_entropy(
     ce = F.cross_entropy(logits.float(), target, reduction="none")
     if class_weights is None:
         return _per_image_mean(ce, valid)
-    w = class_weights.to(logits.device)[target] * valid
+    w = class_weights[target] * valid
     return (ce * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(_EPS)
 
 
@@ -66,7 +74,10 @@ def dice_loss(
     the batch, s = ``DICE_SMOOTH``.
     """
     probs = logits.float().softmax(1)
-    onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    # a one-hot by comparison: F.one_hot reads the targets' range back to the host on every
+    # device but CUDA, so the step would not measure sync-free on a CPU
+    classes = torch.arange(probs.shape[1], device=target.device).view(1, -1, 1, 1)
+    onehot = (target.unsqueeze(1) == classes).to(probs.dtype)
     mask = valid.unsqueeze(1).to(probs.dtype)
     inter = (probs * onehot * mask).sum((0, 2, 3))
     sizes = ((probs + onehot) * mask).sum((0, 2, 3))
@@ -130,7 +141,7 @@ def hovernet_loss(
         total: sums a tensor of batch statistics over the processes sharing the batch.
     """
     valid = ~ignore
-    weights = torch.tensor(CLASS_WEIGHTS, device=nc_target.device)
+    weights = class_weight_tensor(nc_target.device)
     terms = {
         "np_ce": cross_entropy(outputs["np"], np_target, valid).mean(),
         "np_dice": dice_loss(outputs["np"], np_target, valid, total),

@@ -18,6 +18,8 @@ REGISTRY ?= registry.example.com/cellseg
 GIT_SHA := $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 IMAGE_REF ?= $(REGISTRY)/cellseg-kfp:$(GIT_SHA)
 OVERLAY ?= generic-gpu
+# the data of a DVC data repository at a revision (docs/data.md), instead of the volume
+DATA_ARGS = $(if $(DATA_REPO),--data-repo $(DATA_REPO)) $(if $(DATA_REV),--data-rev $(DATA_REV))
 MLFLOW_PORT ?= 5000
 
 help: ## List the targets, one line each
@@ -41,7 +43,7 @@ compile: setup ## Compile the pipeline to pipelines/cellseg_pipeline.yaml (IMAGE
 
 pipeline-run: setup ## The whole pipeline: locally (kfp.local, CPU; RUNNER=container: in the image; PORTABLE=1: AVX2 kernels) or, with KFP_HOST, on the cluster
 ifdef KFP_HOST
-	IMAGE="$${IMAGE:-$(IMAGE_REF)}" $(BIN)/python -m pipelines.submit run
+	IMAGE="$${IMAGE:-$(IMAGE_REF)}" $(BIN)/python -m pipelines.submit run $(DATA_ARGS)
 else
 	$(MAKE) --no-print-directory data
 	$(BIN)/python -m pipelines.run_local --source data/BCCD --pipeline-root $(OUT)/kfp \
@@ -49,8 +51,8 @@ else
 		$(if $(PORTABLE),--portable-kernels)
 endif
 
-schedule: setup ## Weekly retraining on KFP_HOST: CRON="0 0 3 * * 1" (6 fields, seconds first), @weekly, "@every 168h"
-	IMAGE="$${IMAGE:-$(IMAGE_REF)}" $(BIN)/python -m pipelines.submit schedule --cron "$(CRON)"
+schedule: setup ## Weekly retraining on KFP_HOST: CRON="0 0 3 * * 1" (6 fields, seconds first), @weekly, "@every 168h"; DATA_REPO=, DATA_REV=branch
+	IMAGE="$${IMAGE:-$(IMAGE_REF)}" $(BIN)/python -m pipelines.submit schedule --cron "$(CRON)" $(DATA_ARGS)
 
 unschedule: setup ## Remove the scheduled retraining from KFP_HOST
 	$(BIN)/python -m pipelines.submit unschedule

@@ -1,6 +1,8 @@
 """The DAG: data-version -> convert -> Phase 1 -> Phase 2 -> evaluate -> register -> promote,
 with score-champion (the current champion on this run's test split) beside training, feeding the
-gate in register.
+gate in register. start-run creates the run's parent MLflow run before any step logs and hands
+it on; finish-run, the exit handler, ends it (FINISHED or FAILED) and removes the run's scratch
+folder on the checkpoints volume, however the run ended.
 
 The GPU step (evaluation) gets the accelerator type and limit, the node selector and the
 tolerations. Training steps launch PyTorchJobs (Master + Workers) that get the GPUs, the node
@@ -19,9 +21,11 @@ from cellseg.settings import TRAINING_JOB as JOB
 from components.convert.component import convert
 from components.data_version.component import data_version
 from components.evaluate.component import evaluate
+from components.finish_run.component import finish_run
 from components.promote.component import promote
 from components.register.component import register
 from components.score_champion.component import score_champion
+from components.start_run.component import start_run
 from components.train.component import train
 
 PIPELINE_NAME = "cellseg"
@@ -41,6 +45,13 @@ def mlflow_login(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return kubernetes.use_secret_as_env(task, settings.MLFLOW_AUTH_SECRET, keys, optional=True)
 
 
+def dvc_remote_login(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """The DVC remote's credentials where the data is pulled by revision from a private
+    remote; none elsewhere."""
+    keys = {k: k for k in settings.DVC_REMOTE_KEYS}
+    return kubernetes.use_secret_as_env(task, settings.DVC_REMOTE_SECRET, keys, optional=True)
+
+
 def on_cpu(task: dsl.PipelineTask, cpu: str = "1", memory: str = "4G") -> dsl.PipelineTask:
     return task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
 
@@ -49,6 +60,8 @@ def on_cpu(task: dsl.PipelineTask, cpu: str = "1", memory: str = "4G") -> dsl.Pi
 def cellseg_pipeline(
     source: str = f"{settings.DATASETS_MOUNT}/BCCD",
     data_md5: str = "",  # "" = whatever revision is at source (scheduled retraining)
+    data_repo: str = "",  # a DVC data repository (git URL): its data at data_rev, not source
+    data_rev: str = "",  # a branch, tag or commit of data_repo ("": its default branch)
     profile: str = settings.CLUSTER_PROFILE,
     epochs: int = 0,
     lora_rank: int = 0,  # 0: the profile's
@@ -74,85 +87,118 @@ def cellseg_pipeline(
     canary_traffic_percent: int = 0,  # 1..99: that share to the new champion first; 0: all
 ):
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-    version = on_cpu(data_version(source=source, expected_md5=data_md5)).set_caching_options(False)
-    converted = convert(source=source, data_md5=version.output, dataset_format=DATASET_FORMAT)
-    data = on_cpu(converted, "2", "8G")
-    # keyed on the data md5 and the converter's format: new data or converter, new conversion
-    data.set_caching_options(True)
-    for task in (version, data):
-        kubernetes.mount_pvc(
-            task, pvc_name=settings.DATASETS_PVC, mount_path=settings.DATASETS_MOUNT
+    finish = on_cpu(finish_run(pipeline_run_id=run_id, mlflow_uri=mlflow_uri))
+    finish.set_caching_options(False)
+    kubernetes.mount_pvc(
+        finish, pvc_name=settings.CHECKPOINTS_PVC, mount_path=settings.CHECKPOINTS_MOUNT
+    )
+    mlflow_login(finish)
+    with dsl.ExitHandler(finish, name="cellseg-run"):
+        version = data_version(
+            source=source, expected_md5=data_md5, data_repo=data_repo, data_rev=data_rev
         )
-    dataset = data.outputs["dataset"]
-    common = dict(
-        dataset=dataset,
-        profile=profile,
-        epochs=epochs,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        overrides=overrides,
-        gpus_per_node=gpus_per_node,
-        num_nodes=num_nodes,
-        pipeline_run_id=run_id,
-        run_tags=run_tags,
-        mlflow_uri=mlflow_uri,
-        image=image,
-        node_selector=node_selector,
-        tolerations=tolerations,
-        train_timeout_hours=train_timeout_hours,
-        training_engine=training_engine,
-        queue_name=queue_name,
-        train_cpu_per_node=train_cpu_per_node,
-        train_memory_per_node=train_memory_per_node,
-        train_shm_per_node=train_shm_per_node,
-        pending_timeout_minutes=pending_timeout_minutes,
-    )
-    phase1 = train(phase=1, **common).set_display_name("train-phase1")
-    phase2 = train(phase=2, init_model=phase1.outputs["model"], **common)
-    phase2.set_display_name("train-phase2")
-    scores = evaluate(
-        dataset=dataset,
-        model=phase2.outputs["model"],
-        pipeline_run_id=run_id,
-        run_tags=run_tags,
-        mlflow_uri=mlflow_uri,
-    )
-    for task in (phase1, phase2):
-        on_cpu(task).set_caching_options(False)
-        # a retried step adopts its running job or resumes from `latest` on the volume
-        task.set_retry(num_retries=2, backoff_duration="120s", backoff_factor=2.0)
-        for env, field_path in (("POD_NAME", "metadata.name"), ("POD_UID", "metadata.uid")):
-            kubernetes.use_field_path_as_env(task, env_name=env, field_path=field_path)
-        kubernetes.mount_pvc(
-            task, pvc_name=settings.CHECKPOINTS_PVC, mount_path=settings.CHECKPOINTS_MOUNT
+        on_cpu(version).set_caching_options(False)
+        dvc_remote_login(version)
+        started = start_run(
+            pipeline_run_id=run_id,
+            run_tags=run_tags,
+            mlflow_uri=mlflow_uri,
+            data_repo=data_repo,
+            data_rev=data_rev,
+            data_commit=version.outputs["commit"],
         )
-    on_gpu(scores, gpus_per_node, node_selector, tolerations).set_caching_options(False)
-    champion = score_champion(
-        dataset=dataset, pipeline_run_id=run_id, run_tags=run_tags, mlflow_uri=mlflow_uri
-    )
-    on_gpu(champion, gpus_per_node, node_selector, tolerations).set_caching_options(False)
-    gate = on_cpu(
-        register(
+        on_cpu(started).set_caching_options(False)
+        mlflow_login(started)
+        parent = started.output  # every step that logs waits for it
+        converted = convert(
+            source=version.outputs["source"],
+            data_md5=version.outputs["md5"],
+            dataset_format=DATASET_FORMAT,
+        )
+        data = on_cpu(converted, "2", "8G")
+        # keyed on the data md5 and the converter's format: new data or converter, new conversion
+        data.set_caching_options(True)
+        for task in (version, data):
+            kubernetes.mount_pvc(
+                task, pvc_name=settings.DATASETS_PVC, mount_path=settings.DATASETS_MOUNT
+            )
+        dataset = data.outputs["dataset"]
+        common = dict(
+            dataset=dataset,
+            profile=profile,
+            epochs=epochs,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            overrides=overrides,
+            gpus_per_node=gpus_per_node,
+            num_nodes=num_nodes,
+            pipeline_run_id=run_id,
+            run_tags=run_tags,
+            mlflow_uri=mlflow_uri,
+            mlflow_parent_run=parent,
+            image=image,
+            node_selector=node_selector,
+            tolerations=tolerations,
+            train_timeout_hours=train_timeout_hours,
+            training_engine=training_engine,
+            queue_name=queue_name,
+            train_cpu_per_node=train_cpu_per_node,
+            train_memory_per_node=train_memory_per_node,
+            train_shm_per_node=train_shm_per_node,
+            pending_timeout_minutes=pending_timeout_minutes,
+        )
+        phase1 = train(phase=1, **common).set_display_name("train-phase1")
+        phase2 = train(phase=2, init_model=phase1.outputs["model"], **common)
+        phase2.set_display_name("train-phase2")
+        scores = evaluate(
+            dataset=dataset,
             model=phase2.outputs["model"],
-            report_files=scores.outputs["report_files"],
-            champion_score=champion.outputs["champion_score"],
+            pipeline_run_id=run_id,
+            run_tags=run_tags,
+            mlflow_uri=mlflow_uri,
+            mlflow_parent_run=parent,
+        )
+        for task in (phase1, phase2):
+            on_cpu(task).set_caching_options(False)
+            # a retried step adopts its running job or resumes from `latest` on the volume
+            task.set_retry(num_retries=2, backoff_duration="120s", backoff_factor=2.0)
+            for env, field_path in (("POD_NAME", "metadata.name"), ("POD_UID", "metadata.uid")):
+                kubernetes.use_field_path_as_env(task, env_name=env, field_path=field_path)
+            kubernetes.mount_pvc(
+                task, pvc_name=settings.CHECKPOINTS_PVC, mount_path=settings.CHECKPOINTS_MOUNT
+            )
+        on_gpu(scores, gpus_per_node, node_selector, tolerations).set_caching_options(False)
+        champion = score_champion(
             dataset=dataset,
             pipeline_run_id=run_id,
             run_tags=run_tags,
             mlflow_uri=mlflow_uri,
-            tolerance=promotion_tolerance,
-            force=force_promote,
+            mlflow_parent_run=parent,
         )
-    ).set_caching_options(False)
-    with dsl.If(gate.outputs["Output"] == True, name="promotion-gate"):  # noqa: E712
-        promoted = on_cpu(
-            promote(
-                registered=gate.outputs["registered"],
+        on_gpu(champion, gpus_per_node, node_selector, tolerations).set_caching_options(False)
+        gate = on_cpu(
+            register(
+                model=phase2.outputs["model"],
+                report_files=scores.outputs["report_files"],
+                champion_score=champion.outputs["champion_score"],
+                dataset=dataset,
+                pipeline_run_id=run_id,
+                run_tags=run_tags,
                 mlflow_uri=mlflow_uri,
-                inference_service=inference_service,
-                canary_traffic_percent=canary_traffic_percent,
+                mlflow_parent_run=parent,
+                tolerance=promotion_tolerance,
+                force=force_promote,
             )
-        )
-        promoted.set_caching_options(False)
-    for task in (phase1, phase2, scores, champion, gate, promoted):  # the steps that call MLflow
-        mlflow_login(task)
+        ).set_caching_options(False)
+        with dsl.If(gate.outputs["Output"] == True, name="promotion-gate"):  # noqa: E712
+            promoted = on_cpu(
+                promote(
+                    registered=gate.outputs["registered"],
+                    mlflow_uri=mlflow_uri,
+                    inference_service=inference_service,
+                    canary_traffic_percent=canary_traffic_percent,
+                )
+            )
+            promoted.set_caching_options(False)
+        for task in (phase1, phase2, scores, champion, gate, promoted):  # MLflow callers
+            mlflow_login(task)

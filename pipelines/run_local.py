@@ -51,7 +51,7 @@ def run_local(
     source, pipeline_root = Path(source).resolve(), Path(pipeline_root).resolve()
     pipeline_root.mkdir(parents=True, exist_ok=True)
     before = set(pipeline_root.iterdir())
-    md5 = data_version_step(str(source)) if data_md5 is None else data_md5
+    md5 = data_version_step(str(source)).md5 if data_md5 is None else data_md5
     uri = mlflow_uri or default_tracking_uri()
     pipeline, runner = cellseg_pipeline, local.SubprocessRunner(use_venv=False)
     if image:

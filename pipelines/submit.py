@@ -96,6 +96,13 @@ def run_params(data_md5: str, image: str, profile: str, extra: dict | None = Non
     }
 
 
+def data_params(data_repo: str, data_rev: str) -> dict:
+    """The pipeline's data parameters when a data repository is named (else the volume)."""
+    if data_rev and not data_repo:
+        raise ScheduleError("--data-rev needs --data-repo (DATA_REPO=...)")
+    return {"data_repo": data_repo, "data_rev": data_rev} if data_repo else {}
+
+
 def submit_run(
     client, host: str, spec: Path, version_name: str, params: dict, namespace: str
 ) -> str:
@@ -178,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         "--cron", default="", help='6 fields, seconds first ("0 0 3 * * 1"), @weekly, @every 168h'
     )
     parser.add_argument("--profile", default=CLUSTER_PROFILE)
+    parser.add_argument("--data-repo", default="", help="a DVC data repository (git URL)")
+    parser.add_argument("--data-rev", default="", help="its branch, tag or commit to train on")
     args = parser.parse_args(argv)
     try:
+        data = data_params(args.data_repo, args.data_rev)
         if args.action == "schedule":
             check_cron(args.cron)
         host = os.environ.get("KFP_HOST")
@@ -195,11 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         spec = compile_pipeline(Path(tmp) / "cellseg_pipeline.yaml", image)
         if args.action == "run":
-            params = run_params(read_dvc_pointer(Path("data.dvc")).md5, image, args.profile)
+            # the data this checkout pins, unless a data repository says which
+            pinned = "" if args.data_repo else read_dvc_pointer(Path("data.dvc")).md5
+            params = run_params(pinned, image, args.profile, data)
             print(f"run: {submit_run(client, host, spec, version_name, params, namespace)}")
         elif args.action == "schedule":
-            # data_md5 "" = whatever revision is on the volume when the run starts
-            params = run_params("", image, args.profile)
+            # data_md5 "": a data_rev branch as it is then, or the volume at `source`
+            params = run_params("", image, args.profile, data)
             job = schedule(client, spec, version_name, args.cron, params, namespace)
             print(f"scheduled {RECURRING_RUN} ({args.cron}): {job}")
         else:

@@ -21,6 +21,7 @@ def evaluate(
     pipeline_run_id: str,
     run_tags: dict,
     mlflow_uri: str,
+    mlflow_parent_run: str,
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     report: Output[Markdown],
@@ -42,6 +43,7 @@ def evaluate(
         pipeline_run_id=pipeline_run_id,
         tags=run_tags,
         mlflow_uri=mlflow_uri,
+        parent_run=mlflow_parent_run,
     )
     for name, value in flat_metrics(result).items():
         metrics.log_metric(name, value)

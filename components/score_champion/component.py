@@ -10,6 +10,7 @@ def score_champion(
     pipeline_run_id: str,
     run_tags: dict,
     mlflow_uri: str,
+    mlflow_parent_run: str,
     champion_score: Output[Artifact],
 ):
     """The current champion, loaded with its own post-processing, scored on this run's test
@@ -24,5 +25,6 @@ def score_champion(
         pipeline_run_id=pipeline_run_id,
         tags=run_tags,
         mlflow_uri=mlflow_uri,
+        parent_run=mlflow_parent_run,
     )
     champion_score.metadata.update(result)

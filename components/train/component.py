@@ -28,6 +28,7 @@ def train(
     pipeline_run_id: str,
     run_tags: dict,
     mlflow_uri: str,
+    mlflow_parent_run: str,
     model: Output[Model],
     init_model: Input[Model] = None,
 ):
@@ -72,5 +73,6 @@ def train(
         pipeline_run_id=pipeline_run_id,
         tags=run_tags,
         mlflow_uri=mlflow_uri,
+        parent_run=mlflow_parent_run,
     )
     model.metadata.update(info)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -27,7 +28,11 @@ def replacing(path: Path, durable: bool = False) -> Iterator[Path]:
             _fsync(tmp)
         os.replace(tmp, path)
         if durable:
-            _fsync(path.parent)
+            try:
+                _fsync(path.parent)
+            except OSError as err:  # some volume types cannot sync a folder (EINVAL)
+                if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+                    raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cellseg import settings
 from cellseg.errors import CellsegError
+from cellseg.model.reference import is_mlflow_reference
 from cellseg.runtime import match_torch_threads
 
 
@@ -24,6 +25,14 @@ def cmd_data(args: argparse.Namespace) -> None:
     print("BCCD fetched and verified" if fetched else "BCCD up to date (verified against data.dvc)")
     if add_to_dvc_cache(args.dvc_file):
         print("in the DVC cache: `dvc push` shares it, `dvc status` is clean")
+
+
+def cmd_data_pull(args: argparse.Namespace) -> None:
+    from cellseg.data.revision import pull
+
+    pulled = pull(args.repo, args.rev, args.to)
+    print(f"data -> {pulled.path}")
+    print(f"commit {pulled.commit} md5 {pulled.dvc_md5}")  # the last line: what scripts read
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -208,6 +217,15 @@ def add_data_commands(sub) -> None:
     data.add_argument("--dvc-file", type=Path, default=Path("data.dvc"))
     data.add_argument("--md5sums", type=Path, default=Path("data.md5sums"))
     data.set_defaults(handler=cmd_data)
+    actions = data.add_subparsers(dest="action")
+    pull = actions.add_parser(
+        "pull", help="the data a DVC data repository pins at a revision, into DIR/<md5>/"
+    )
+    pull.add_argument("--repo", required=True, help="git URL or path of the data repository")
+    pull.add_argument("--rev", default="", help="branch, tag or commit (default: HEAD)")
+    pull.add_argument("--to", type=Path, required=True, metavar="DIR",
+                      help="where versions are kept, one folder per DVC md5")  # fmt: skip
+    pull.set_defaults(handler=cmd_data_pull)
 
     convert = sub.add_parser("convert", help="BCCD boxes -> instance-segmentation dataset")
     convert.add_argument("--source", type=Path, required=True, help="VOC folder (data/BCCD)")
@@ -378,6 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if is_mlflow_reference(getattr(args, "model", None) or ""):
+            # the store `make pipeline-run` writes, unless MLFLOW_TRACKING_URI names another
+            from cellseg.registry.tracking import use_store
+
+            use_store()
         args.handler(args)
     except CellsegError as err:  # the user's to fix: one line each, no traceback
         for line in str(err).splitlines() or [type(err).__name__]:

@@ -137,10 +137,11 @@ def place_images(images, device):
     return images.to(device, non_blocking=True)
 
 
-def configure_backends(device) -> None:
+def configure_backends(device, deterministic: bool = False) -> None:
     """cuDNN's autotuner on CUDA: the training shapes repeat every step, so the fastest
-    convolution algorithm is found once per shape and reused."""
+    convolution algorithm is found once per shape and reused; not for a ``deterministic`` run
+    (the algorithm it picks can differ from run to run)."""
     import torch
 
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not deterministic

@@ -19,6 +19,10 @@ GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}  # NVIDIA GPU feature dis
 GPU_TOLERATIONS = ({"effect": "NoSchedule", "key": ACCELERATOR, "operator": "Exists"},)
 
 DATASETS_PVC, DATASETS_MOUNT = "cellseg-datasets", "/mnt/datasets"
+DVC_PULLS = f"{DATASETS_MOUNT}/dvc"  # data pulled by revision, one folder per DVC md5
+# the DVC remote's credentials for the data-version step (optional: a public or local remote)
+DVC_REMOTE_SECRET = "cellseg-dvc-remote"
+DVC_REMOTE_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 CHECKPOINTS_PVC, CHECKPOINTS_MOUNT = "cellseg-checkpoints", "/mnt/checkpoints"
 HF_CACHE_PVC, HF_CACHE_MOUNT = "cellseg-hf-cache", "/cache/huggingface"
 HF_TOKEN_SECRET = "cellseg-hf-token"  # key HF_TOKEN; optional (UNI is gated)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -82,7 +83,8 @@ def test_register_alias_load_by_alias_and_predict_on_a_bccd_image(
 
     uri = f"models:/{model_name}@{CHAMPION}"
     model = mlflow.pyfunc.load_model(uri)
-    cells = model.predict(image)
+    jpeg = (bccd_source / "JPEGImages" / "BloodImage_00000.jpg").read_bytes()
+    cells = model.predict(pd.DataFrame({"image": [jpeg]}))  # the input schema's binary column
     assert list(cells.columns[:4]) == ["instance_id", "category_id", "class_name", "score"]
     assert set(cells["class_name"]) <= set(CLASS_NAMES)
     assert (cells["x"] + cells["width"] <= 640).all() and (
@@ -90,8 +92,17 @@ def test_register_alias_load_by_alias_and_predict_on_a_bccd_image(
     ).all()
 
     # models-from-code: the version holds our source file and the checkpoint, no pickle
-    files = [p.name for p in Path(mlflow.artifacts.download_artifacts(uri)).rglob("*")]
+    folder = Path(mlflow.artifacts.download_artifacts(uri))
+    files = [p.name for p in folder.rglob("*")]
     assert "pyfunc_model.py" in files and not [f for f in files if f.endswith(".pkl")], files
+    # MLflow 3's model page: an input schema, a small example, the test metrics on the model
+    info = mlflow.models.get_model_info(uri)
+    assert info.signature.inputs.to_dict() == [
+        {"type": "binary", "name": "image", "required": True}
+    ]
+    assert (folder / "serving_input_example.json").stat().st_size < 20_000
+    logged = mlflow.get_logged_model(info.model_id)
+    assert {m.key: m.value for m in logged.metrics}["test_pq"] == 0.5
 
     # `mlflow models serve` answers an HTTP request with the same rows as the loaded model
     # (as `make serve` does: the venv's bin first on PATH, where MLflow looks for uvicorn)
@@ -106,14 +117,14 @@ def test_register_alias_load_by_alias_and_predict_on_a_bccd_image(
     )  # fmt: skip
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", server, seconds=180)
-        body = json.dumps({"inputs": image.tolist()}).encode()
+        split = {"columns": ["image"], "data": [[base64.b64encode(jpeg).decode()]]}
+        body = json.dumps({"dataframe_split": split}).encode()
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
         )
         with urllib.request.urlopen(request, timeout=120) as answer:
             served = json.loads(answer.read())["predictions"]
         # docs/serving.md's curl line: the JPEG itself, base64, ~30x smaller than its pixel values
-        jpeg = (bccd_source / "JPEGImages" / "BloodImage_00000.jpg").read_bytes()
         body = json.dumps({"inputs": [base64.b64encode(jpeg).decode()] * 2}).encode()
         request.data = body
         with urllib.request.urlopen(request, timeout=120) as answer:

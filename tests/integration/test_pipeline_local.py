@@ -47,6 +47,11 @@ def test_pipeline_produces_a_registered_model_a_report_and_a_comparison(
     assert {"phase1", "phase2", "evaluate", "register"} <= steps
     assert all(r.data.tags["cellseg.data_md5"].endswith(".dir") for r in parents)
     phase1 = next(r for r in parents if r.data.tags.get("cellseg.step") == "phase1")
+    # the exit handler ended the one parent run of this pipeline run
+    pipeline_run = phase1.data.tags["cellseg.pipeline_run_id"]
+    (parent,) = [r for r in parents if r.data.tags.get("cellseg.pipeline_parent") == pipeline_run]
+    assert parent.info.status == "FINISHED"
+    assert all(r.info.status == "FINISHED" for r in parents if r.data.tags.get("cellseg.step"))
     assert phase1.data.params["backbone"] == "test_vit" and "val_total" in phase1.data.metrics
     # the phase that shipped, in the checkpoint's metrics, both runs' tags and the summary
     chosen = metrics["chosen_phase"]
@@ -58,7 +63,6 @@ def test_pipeline_produces_a_registered_model_a_report_and_a_comparison(
     # a second run registers a challenger; `make compare` names both aliases
     run_local(voc, tmp_path / "kfp", "local", [*TINY, "epochs=1", "seed=1"], mlflow_uri)
     table = compare(5, None, tmp_path / "history.png", mlflow_uri)
-    pipeline_run = phase1.data.tags["cellseg.pipeline_run_id"]
     assert pipeline_run in table
     registry = table.split("Registry:")[1]
     rows = {line.split()[0]: line.split()[1] for line in registry.strip().splitlines()[2:]}

@@ -229,3 +229,44 @@ def test_uni_gpu_compiles_and_the_compiled_model_computes_what_eager_does(datase
         eager, compiled = run.model(x), run.train_model(x)
     for head in ("np", "hv", "nc"):
         assert torch.allclose(eager[head], compiled[head], atol=1e-4), head
+
+
+def test_the_progress_bar_reads_the_running_loss_every_progress_every_batches(run, monkeypatch):
+    from cellseg.training import loop
+
+    monkeypatch.setattr(loop, "PROGRESS_EVERY", 1)
+    with HostSyncs() as syncs:
+        run_epoch(run, run.train_loader, True, "test")
+    reads = [c for c in syncs.calls if c.startswith("aten::_local_scalar_dense")]
+    assert len(reads) == len(run.train_loader)  # one per batch at PROGRESS_EVERY = 1
+    assert syncs.calls[-1] == "tolist from cellseg.training.loop"
+
+
+def test_a_resumed_optimizer_takes_this_devices_kernel_and_its_weights_layout(run):
+    """A state saved under CUDA's fused AdamW resumed on a CPU runs the CPU's implementation
+    (the figures the docs report), and moments take their weight's memory layout (the fused
+    kernel refuses a contiguous moment of a channels-last weight)."""
+    from cellseg.training.loop import build_optimization, match_optimizer_to_device
+
+    model = run.model
+    cuda_choice, _ = build_optimization(model, 1, run.config, 2, torch.device("cuda"))
+    model(torch.rand(1, 3, 64, 96))["np"].sum().backward()
+    cuda_choice.step()  # the fused kernel also runs on a CPU
+    saved = cuda_choice.state_dict()
+    model.to(memory_format=torch.channels_last)
+    resumed, _ = build_optimization(model, 1, run.config, 2, torch.device("cpu"))
+    resumed.load_state_dict(saved)
+    assert all(g["fused"] for g in resumed.param_groups)  # what load_state_dict alone keeps
+    match_optimizer_to_device(resumed)
+    assert not any(g["fused"] for g in resumed.param_groups)
+    convs = [p for p in model.parameters() if p.dim() == 4 and p in resumed.state]
+    assert convs
+    for weight in convs:
+        moment = resumed.state[weight]["exp_avg"]
+        assert moment.stride() == weight.stride()
+        assert torch.equal(moment, saved["state"][_index(resumed, weight)]["exp_avg"])
+
+
+def _index(optimizer, param) -> int:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return next(i for i, p in enumerate(params) if p is param)

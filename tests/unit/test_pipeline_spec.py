@@ -31,6 +31,19 @@ def test_both_documents_parse_into_the_kfp_protos(committed):
         json_format.ParseDict(config, kubernetes_executor_config_pb2.KubernetesExecutorConfig())
 
 
+def body(committed) -> dict:
+    """The tasks inside the exit handler: every step but finish-run."""
+    pipeline = committed[0]
+    (handler,) = [t for t in pipeline["root"]["dag"]["tasks"].values() if "componentRef" in t
+                  and t["componentRef"]["name"].startswith("comp-exit-handler")]  # fmt: skip
+    return pipeline["components"][handler["componentRef"]["name"]]["dag"]["tasks"]
+
+
+def channel(name: str) -> str:
+    """A pipeline parameter as a task inside the exit handler's DAG sees it."""
+    return f"pipelinechannel--{name}"
+
+
 def executors(committed):
     pipeline, platform = committed
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -49,18 +62,18 @@ def test_gpu_steps_carry_accelerator_selector_and_toleration(committed):
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu", step
         assert "gpus_per_node" in resources["accelerator"]["resourceCount"], step
         config = k8s[f"exec-{step}"]
-        assert (
-            config["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == "node_selector"
+        assert config["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == channel(
+            "node_selector"
         )
-        assert (
-            config["tolerations"][0]["tolerationJson"]["componentInputParameter"] == "tolerations"
+        assert config["tolerations"][0]["tolerationJson"]["componentInputParameter"] == channel(
+            "tolerations"
         )
 
 
 def test_every_other_step_asks_for_no_gpu_but_for_cpu_and_memory(committed):
     containers, k8s = executors(committed)
     cpu = sorted(set(containers) - GPU_EXECUTORS)
-    assert len(cpu) == len(containers) - len(GPU_EXECUTORS) == 6, cpu
+    assert len(cpu) == len(containers) - len(GPU_EXECUTORS) == 8, cpu
     for step in (name.removeprefix("exec-") for name in cpu):
         resources = containers[f"exec-{step}"]["container"]["resources"]
         assert "accelerator" not in resources, step
@@ -70,9 +83,8 @@ def test_every_other_step_asks_for_no_gpu_but_for_cpu_and_memory(committed):
 
 
 def test_training_steps_pass_gpu_placement_to_their_pytorchjobs(committed):
-    pipeline, _ = committed
     _, k8s = executors(committed)
-    tasks = pipeline["root"]["dag"]["tasks"]
+    tasks = body(committed)
     for step, phase in TRAINING_TASKS.items():
         params = tasks[step]["inputs"]["parameters"]
         assert params["phase"]["runtimeValue"]["constant"] == phase
@@ -86,13 +98,13 @@ def test_training_steps_pass_gpu_placement_to_their_pytorchjobs(committed):
             "lora_alpha",
         )
         for name in names:
-            assert params[name]["componentInputParameter"] == name, (step, name)
+            assert params[name]["componentInputParameter"] == channel(name), (step, name)
         executor = tasks[step]["componentRef"]["name"].replace("comp-", "exec-")
         assert k8s[executor]["pvcMount"][0]["mountPath"] == "/mnt/checkpoints"
 
 
 def test_phase2_consumes_phase1s_model(committed):
-    tasks = committed[0]["root"]["dag"]["tasks"]
+    tasks = body(committed)
     init = tasks["train-2"]["inputs"]["artifacts"]["init_model"]["taskOutputArtifact"]
     assert init == {"outputArtifactKey": "model", "producerTask": "train"}
     assert "init_model" not in tasks["train"]["inputs"].get("artifacts", {})
@@ -116,14 +128,14 @@ def test_only_conversion_is_cached(committed):
 
 def test_promotion_runs_under_the_gate(committed):
     pipeline, _ = committed
-    condition = pipeline["root"]["dag"]["tasks"]["condition-1"]
+    condition = body(committed)["condition-2"]  # the exit handler is group 1
     assert condition["taskInfo"]["name"] == "promotion-gate"
     assert condition["triggerPolicy"]["condition"] == (
         "inputs.parameter_values['pipelinechannel--register-Output'] == true"
     )
     gated = pipeline["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
     assert list(gated) == ["promote"]
-    assert "promote" not in pipeline["root"]["dag"]["tasks"]  # never outside the gate
+    assert "promote" not in body(committed)  # never outside the gate
 
 
 def test_every_pipeline_parameter_has_one_row_in_the_docs_parameter_table(committed):
@@ -152,7 +164,7 @@ def test_the_run_page_gets_a_confusion_matrix_an_html_report_and_the_gate_decisi
 
 
 def test_the_gate_gets_the_champion_scored_on_this_runs_split(committed):
-    tasks = committed[0]["root"]["dag"]["tasks"]
+    tasks = body(committed)
     champion = tasks["score-champion"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"]
     assert champion == {"outputArtifactKey": "dataset", "producerTask": "convert"}
     scored = tasks["register"]["inputs"]["artifacts"]["champion_score"]["taskOutputArtifact"]
@@ -164,7 +176,7 @@ def test_the_gate_gets_the_champion_scored_on_this_runs_split(committed):
 def test_training_steps_retry_and_pass_their_pod_and_sizes(committed):
     pipeline, _ = committed
     _, k8s = executors(committed)
-    tasks = pipeline["root"]["dag"]["tasks"]
+    tasks = body(committed)
     defaults = pipeline["root"]["inputDefinitions"]["parameters"]
     assert "checkpoint_root" not in defaults  # the mounts are fixed: no parameter pretends not
     sizes = {"train_cpu_per_node": "8", "train_memory_per_node": "64Gi",
@@ -177,8 +189,8 @@ def test_training_steps_retry_and_pass_their_pod_and_sizes(committed):
         assert retry["backoffFactor"] == 2.0
         params = tasks[step]["inputs"]["parameters"]
         for name in ("train_memory_per_node", "train_timeout_hours", "training_engine"):
-            assert params[name]["componentInputParameter"] == name  # one name end to end
-        assert params["pending_timeout_minutes"]["componentInputParameter"] == (
+            assert params[name]["componentInputParameter"] == channel(name)  # one name
+        assert params["pending_timeout_minutes"]["componentInputParameter"] == channel(
             "pending_timeout_minutes"
         )
         executor = tasks[step]["componentRef"]["name"].replace("comp-", "exec-")
@@ -196,5 +208,52 @@ def test_the_steps_that_call_mlflow_read_its_optional_login(committed):
         for secret in config.get("secretAsEnv", [])
         if secret["secretName"] == "cellseg-mlflow-auth" and secret["optional"]
     }
-    assert with_login == {"exec-train", "exec-train-2", "exec-evaluate", "exec-score-champion",
-                          "exec-register", "exec-promote"}  # fmt: skip
+    assert with_login == {"exec-start-run", "exec-train", "exec-train-2", "exec-evaluate",
+                          "exec-score-champion", "exec-register", "exec-promote",
+                          "exec-finish-run"}  # fmt: skip
+
+
+LOGGING_STEPS = ("train", "train-2", "evaluate", "score-champion", "register")
+
+
+def test_every_step_runs_inside_the_exit_handler_and_logs_under_start_runs_parent(committed):
+    """One MLflow parent run per pipeline run: start-run creates it before any step logs (two
+    steps that search-then-create at once can make two), the others get its id; finish-run,
+    the exit handler, runs however the body ends, with the run's id and the checkpoints volume
+    (its scratch folder goes) but no task output: KFP forbids an exit task any dependency."""
+    pipeline, _ = committed
+    _, k8s = executors(committed)
+    root = pipeline["root"]["dag"]["tasks"]
+    assert sorted(root) == ["exit-handler-1", "finish-run"]
+    finish = root["finish-run"]
+    assert finish["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert finish["dependentTasks"] == ["exit-handler-1"]
+    params = finish["inputs"]["parameters"]
+    assert params["pipeline_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    assert params["mlflow_uri"]["componentInputParameter"] == "mlflow_uri"
+    assert k8s["exec-finish-run"]["pvcMount"][0]["mountPath"] == "/mnt/checkpoints"
+    tasks = body(committed)
+    for step in LOGGING_STEPS:
+        parent = tasks[step]["inputs"]["parameters"]["mlflow_parent_run"]["taskOutputParameter"]
+        assert parent == {"outputParameterKey": "Output", "producerTask": "start-run"}, step
+        assert "start-run" in tasks[step]["dependentTasks"], step
+
+
+def test_the_data_comes_from_data_version_by_revision_or_from_source(committed):
+    """data-version resolves what the run trains on (a data repository at a revision, pulled
+    onto the datasets volume, or the folder at `source`): conversion reads the folder it names
+    and is keyed on its md5; start-run tags the parent run with the resolved commit."""
+    _, k8s = executors(committed)
+    tasks = body(committed)
+    params = tasks["data-version"]["inputs"]["parameters"]
+    for name in ("source", "data_repo", "data_rev"):
+        assert params[name]["componentInputParameter"] == channel(name)
+    convert = tasks["convert"]["inputs"]["parameters"]
+    for name, key in (("source", "source"), ("data_md5", "md5")):
+        ref = convert[name]["taskOutputParameter"]
+        assert ref == {"outputParameterKey": key, "producerTask": "data-version"}, name
+    commit = tasks["start-run"]["inputs"]["parameters"]["data_commit"]["taskOutputParameter"]
+    assert commit == {"outputParameterKey": "commit", "producerTask": "data-version"}
+    secrets = k8s["exec-data-version"]["secretAsEnv"]
+    assert [(s["secretName"], s["optional"]) for s in secrets] == [("cellseg-dvc-remote", True)]
+    assert k8s["exec-data-version"]["pvcMount"][0]["mountPath"] == "/mnt/datasets"

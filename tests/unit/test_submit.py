@@ -129,8 +129,12 @@ def test_unschedule_with_nothing_scheduled_creates_and_deletes_nothing():
 
 
 def test_the_image_reaches_every_step(spec):
+    import yaml
+
     text = spec.read_text()
-    assert text.count("image: reg.example/cellseg:abc") == 8 and "cellseg-kfp:0.1.0" not in text
+    executors = next(yaml.safe_load_all(text))["deploymentSpec"]["executors"]
+    assert text.count("image: reg.example/cellseg:abc") == len(executors) == 10
+    assert "cellseg-kfp:0.1.0" not in text
 
 
 def test_cluster_runs_carry_the_same_tags_as_local_runs():
@@ -157,3 +161,15 @@ def test_the_default_namespace_is_the_one_the_manifests_use(monkeypatch, tmp_pat
     assert submit.main(["unschedule"]) == 0
     base = Path(__file__).resolve().parents[2] / "manifests" / "base" / "kustomization.yaml"
     assert seen["namespace"] == yaml.safe_load(base.read_text())["namespace"] == "cellseg"
+
+
+def test_a_schedule_can_follow_a_data_repositorys_branch():
+    """`make schedule DATA_REPO=... DATA_REV=main`: each run pulls the branch as it is then,
+    so the schedule pins no md5; a revision without a repository is refused."""
+    data = submit.data_params("https://git.example.com/lab/bccd-data.git", "main")
+    params = submit.run_params("", "reg.example/cellseg:abc", "uni-gpu", data)
+    assert params["data_repo"] == "https://git.example.com/lab/bccd-data.git"
+    assert params["data_rev"] == "main" and params["data_md5"] == ""
+    assert submit.data_params("", "") == {}
+    with pytest.raises(submit.ScheduleError, match="--data-rev needs --data-repo"):
+        submit.data_params("", "main")

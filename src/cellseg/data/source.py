@@ -1,14 +1,13 @@
 """Obtain raw BCCD (VOC) and verify it against the committed DVC pointer.
 
-DVC identifies a directory by the md5 of its sorted file listing (``<md5>.dir``). We compute the
-same digest here so the check needs no DVC cache, and keep a per-file checksum list
-(``data.md5sums``, ``md5sum -c`` format) beside ``data.dvc`` so a mismatch can name the file.
+DVC identifies a directory by the md5 of its sorted file listing (``<md5>.dir``), computed here
+with ``dvc_data`` so the check needs no DVC cache, and a per-file checksum list (``data.md5sums``,
+``md5sum -c`` format) beside ``data.dvc`` lets a mismatch name the file.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tarfile
@@ -54,9 +53,16 @@ def file_checksums(root: Path) -> dict[str, str]:
 
 
 def dvc_dir_md5(checksums: dict[str, str]) -> str:
-    """DVC 3's digest of a directory from its files' md5s (``dvc_data`` ``Tree.digest``)."""
-    listing = [{"md5": checksums[rel], "relpath": rel} for rel in sorted(checksums)]
-    return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
+    """DVC's digest of a directory from its files' md5s: ``dvc_data``'s own ``Tree.digest``,
+    so it stays what ``data.dvc`` records whatever DVC changes."""
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.tree import Tree
+
+    tree = Tree()
+    for rel in sorted(checksums):
+        tree.add(tuple(rel.split("/")), None, HashInfo("md5", checksums[rel]))
+    tree.digest()
+    return tree.hash_info.value
 
 
 def voc_md5(root: Path) -> str:

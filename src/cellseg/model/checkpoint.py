@@ -179,10 +179,10 @@ def write_payload(path: Path, payload: dict) -> None:
         torch.save(payload, tmp)
 
 
-def write_frozen(path: Path, weights: dict[str, torch.Tensor]) -> dict:
+def write_frozen(path: Path, weights: dict[str, torch.Tensor], digest: str = "") -> dict:
     """Write frozen ``weights`` (CPU tensors) to ``path``; returns the reference a ``latest``
-    checkpoint keeps to them."""
-    digest = weights_digest(weights)
+    checkpoint keeps to them. ``digest``: their :func:`weights_digest`, if already known."""
+    digest = digest or weights_digest(weights)
     write_payload(path, {"format": FROZEN_FORMAT, "sha256": digest, "weights": weights})
     return {"file": Path(path).name, "sha256": digest}
 

@@ -16,10 +16,12 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
+
 from cellseg.errors import CellsegError
 from cellseg.registry.champion import CHALLENGER, CHAMPION, ChampionScore, champion_version
 from cellseg.registry.gate import Decision, decide, gate_tags, metric_tags
-from cellseg.serving.payload import CELL_COLUMNS
+from cellseg.serving.payload import CELL_COLUMNS, MLFLOW_INPUT
 from cellseg.settings import PROMOTION_TOLERANCE, REGISTERED_MODEL
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -31,33 +33,59 @@ class PromotionError(CellsegError):
     """The promotion lock could not be taken in time."""
 
 
-def log_model(run_id: str, checkpoint: Path, example_image) -> str:
+def example_input(image, side: int = 160):
+    """The model's input example: one JPEG of a ``side`` x ``side`` crop of ``image`` (a few
+    KB, where a full frame's pixel values are megabytes of JSON), in the input schema's
+    column."""
+    import cv2
+    import pandas as pd
+
+    crop = np.ascontiguousarray(image[:side, :side, ::-1])  # RGB -> the BGR OpenCV encodes
+    ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise CellsegError("could not encode the input example as JPEG")
+    return pd.DataFrame({MLFLOW_INPUT: [jpeg.tobytes()]})
+
+
+def log_model(run_id: str, checkpoint: Path, example_image):
     """Log the pyfunc (its code from :data:`PYFUNC_CODE`, the checkpoint as an artifact) in
-    ``run_id``; returns its model URI."""
+    ``run_id``; returns MLflow's ``ModelInfo`` (``model_uri``, ``model_id``)."""
     from importlib.metadata import version
 
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    # Outputs only: the input is pixels or encoded images (see pyfunc_model.py), which one
-    # input schema cannot say, and the model checks its input itself. (A signature also keeps
-    # MLflow from inferring one by running the model on the example.)
+    # In: one binary column of encoded images (MLflow's UI, `mlflow models predict` and
+    # MLServer read it); out: one row per cell. Pixel arrays stay accepted by the KServe
+    # server (python -m cellseg.serving) and by the pyfunc called from code.
+    inputs = Schema([ColSpec("binary", MLFLOW_INPUT)])
     types = {"class_name": "string", "score": "double"}
     outputs = Schema([ColSpec(types.get(c, "long"), c) for c in (*CELL_COLUMNS, "image")])
-    signature = ModelSignature(outputs=outputs)
+    client = mlflow.MlflowClient()
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_CODE),  # models-from-code: this file, not a pickle
             artifacts={"checkpoint": str(checkpoint)},
-            signature=signature,
-            input_example=example_image,
+            signature=ModelSignature(inputs=inputs, outputs=outputs),
+            input_example=example_input(example_image),
             # The serving environment is the project image; naming it skips MLflow's slow
             # requirement inference (which loads the model in a subprocess).
             pip_requirements=[f"cellseg-kfp=={version('cellseg-kfp')}"],
         )
-    return info.model_uri
+    client.update_run(run_id, status="RUNNING")  # start_run's exit ended it; the step ends it
+    return info
+
+
+def model_metrics(metrics: dict) -> dict[str, float]:
+    """The evaluation's headline figures as the logged model's metrics: every top-level number,
+    and each class's box AP@0.5 when present."""
+    flat = {f"test_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    for name, per_class in metrics.get("per_class", {}).items():
+        if "box_ap50" in per_class:
+            flat[f"test_box_ap50_{name}"] = float(per_class["box_ap50"])
+    return flat
 
 
 def register(
@@ -70,8 +98,11 @@ def register(
     force: bool = False,
     champion: ChampionScore | None = None,
     data_md5: str = "",
+    test_dataset=None,
 ) -> tuple[str, Decision]:
     """Log and register a new version as ``challenger`` and decide (not yet move) ``champion``.
+    ``metrics`` are logged against the logged model (MLflow 3's model page shows them), with
+    ``test_dataset`` (an MLflow dataset) as what they were measured on.
 
     Args:
         champion: the champion re-scored on this run's test split
@@ -85,8 +116,11 @@ def register(
         current = champion_version(client, name)
         unscored = "not scored on this run's split"
         champion = ChampionScore(current, None, unscored) if current else ChampionScore()
-    model_uri = log_model(run_id, checkpoint, example_image)
-    version = str(mlflow.register_model(model_uri, name).version)
+    info = log_model(run_id, checkpoint, example_image)
+    mlflow.log_metrics(
+        model_metrics(metrics), run_id=run_id, model_id=info.model_id, dataset=test_dataset
+    )
+    version = str(mlflow.register_model(info.model_uri, name).version)
     tags = metric_tags(metrics)
     scored = metric_tags(champion.metrics) if champion.metrics else None
     error = champion.describe() if champion.unloadable else ""

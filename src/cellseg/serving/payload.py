@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 
 import numpy as np
 
@@ -34,10 +35,18 @@ COLUMNS = {  # the cell table's columns and their V2 datatypes; "image": index i
     "image": "INT32",
 }
 CELL_COLUMNS = tuple(c for c in COLUMNS if c != "image")  # one image's rows
+MLFLOW_INPUT = "image"  # the registered model's input: one binary column of encoded images
+
+
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\s]+")
 
 
 def decode_encoded(item: str | bytes) -> np.ndarray:
-    """A base64 string (or raw bytes, V2's binary extension) of an encoded image -> pixels."""
+    """An encoded image -> pixels: a base64 string, raw bytes (V2's binary extension, an MLflow
+    binary column), or base64 text as bytes (MLflow's server hands ``{"inputs": [...]}`` to a
+    binary column so; an encoded JPEG or PNG is never pure base64 text)."""
+    if isinstance(item, bytes | bytearray) and _BASE64_TEXT.fullmatch(item):
+        item = bytes(item).decode("ascii")
     if isinstance(item, str):
         try:
             item = base64.b64decode(item, validate=True)
@@ -106,8 +115,16 @@ def v1_images(body) -> list[np.ndarray]:
 
 
 def mlflow_images(model_input) -> list[np.ndarray]:
-    """What MLflow's pyfunc receives (no input schema: the model checks) -> images: pixels
-    (an H x W x 3 array of 0..255) or encoded images (base64 strings or bytes)."""
+    """What MLflow's pyfunc receives -> images. Through the model's input schema: a DataFrame
+    whose :data:`MLFLOW_INPUT` cells are encoded images (bytes or base64; a cell may hold a
+    list of them). Called without the schema check (``PythonModel.predict`` from code): also
+    pixels, an H x W x 3 array of 0..255."""
+    if hasattr(model_input, "columns"):  # a pandas DataFrame
+        column = MLFLOW_INPUT if MLFLOW_INPUT in model_input.columns else model_input.columns[0]
+        items = []
+        for cell in model_input[column].tolist():
+            items.extend(cell if isinstance(cell, list | tuple | np.ndarray) else [cell])
+        return limited([decode_encoded(item) for item in items])
     array = np.asarray(model_input)
     if array.dtype.kind in "USO":
         return limited([decode_encoded(item) for item in array.ravel().tolist()])

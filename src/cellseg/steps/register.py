@@ -23,6 +23,7 @@ def register_step(
     force: bool = False,
     champion_dir: Path | None = None,
     data_md5: str = "",
+    parent_run: str = "",
 ) -> dict:
     """Register the model and return the promotion decision; ``champion_dir`` holds the
     score-champion step's output (None: no champion was scored, so none may exist)."""
@@ -34,7 +35,9 @@ def register_step(
     metrics = json.loads(Path(metrics_path).read_text())
     champion = ChampionScore.read(champion_dir) if champion_dir else None
     example = load_sample(Path(data), split_files(Path(data), "test", 1)[0])["image"]
-    with tracking.step_run("register", pipeline_run_id, tags, mlflow_uri or None) as tracker:
+    with tracking.step_run(
+        "register", pipeline_run_id, tags, mlflow_uri or None, parent=parent_run
+    ) as tracker:
         version, decision = register(
             tracker.run_id,
             find_checkpoint(Path(model)),
@@ -44,6 +47,7 @@ def register_step(
             force=force,
             champion=champion,
             data_md5=data_md5,
+            test_dataset=tracking.split_dataset(Path(data), "test"),
         )
         tracker.set_tags(
             {
@@ -52,7 +56,6 @@ def register_step(
                 "cellseg.data_md5": data_md5 or tags.get("cellseg.data_md5", ""),
             }
         )
-    tracking.finish_parent(pipeline_run_id, mlflow_uri or None)
     champion = champion or ChampionScore()
     return {
         "version": version,

@@ -10,12 +10,19 @@ from cellseg.settings import REGISTERED_MODEL
 
 
 def score_champion_step(
-    data: Path, out: Path, pipeline_run_id: str, tags: dict, mlflow_uri: str | None
+    data: Path,
+    out: Path,
+    pipeline_run_id: str,
+    tags: dict,
+    mlflow_uri: str | None,
+    parent_run: str = "",
 ) -> dict:
     """The champion's score (``champion_score.json``) and its report in ``out``."""
     from cellseg.registry.champion import score_champion
 
-    with tracking.step_run("score-champion", pipeline_run_id, tags, mlflow_uri or None) as tracker:
+    with tracking.step_run(
+        "score-champion", pipeline_run_id, tags, mlflow_uri or None, parent=parent_run
+    ) as tracker:
         champion = score_champion(Path(data), Path(out) / "report", REGISTERED_MODEL)
         champion.write(Path(out))
         tracker.set_tags({"cellseg.champion_version": champion.version or "none"})

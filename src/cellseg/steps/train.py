@@ -86,6 +86,7 @@ def train_step(
     pipeline_run_id: str,
     tags: dict,
     mlflow_uri: str | None,
+    parent_run: str = "",
 ) -> dict:
     """Train one phase from ``init`` (Phase 2: Phase 1's model); checkpoints end up in ``out``.
 
@@ -102,7 +103,10 @@ def train_step(
     work = run_root / f"phase{request.phase}" if run_root else out
     work.mkdir(parents=True, exist_ok=True)
     step = f"phase{request.phase}"
-    with tracking.step_run(step, pipeline_run_id, tags, mlflow_uri or None) as tracker:
+    with tracking.step_run(
+        step, pipeline_run_id, tags, mlflow_uri or None, parent=parent_run
+    ) as tracker:
+        tracking.log_datasets(tracker.run_id, data, ("train", "val"))
         if run_root:
             data, init = stage_on_volume(data, init, run_root)
             args = train_args(request, data, work, init, tracker.run_id)

@@ -365,12 +365,30 @@ def save(run: Run, improved: bool, rngs: list[dict]) -> float:
 def restore(run: Run, ckpt: dict) -> None:
     """Optimizer, schedule, early stopping, history and RNG from a ``latest`` checkpoint."""
     run.optimizer.load_state_dict(ckpt["optimizer"])
+    match_optimizer_to_device(run.optimizer)
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.stopper.best, run.stopper.bad_epochs = ckpt["best_metric"], ckpt["bad_epochs"]
     run.state = TrainState(ckpt["epoch"], ckpt["stopped_early"], list(ckpt["history"]))
     state = rank_rng_state(ckpt["rng"], run.world.rank)
     if state is not None:
         set_rng_state(state)
+
+
+def match_optimizer_to_device(optimizer: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict``: the implementation chosen for this device (a loaded state
+    keeps the saved groups' ``fused``/``foreach``, so a run saved on CUDA would resume fused on
+    a CPU, one saved on a CPU unfused on CUDA) and each moment in its parameter's layout (the
+    fused kernel refuses a contiguous moment of a channels-last weight)."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = (
+            optimizer.defaults["fused"],
+            optimizer.defaults["foreach"],
+        )
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def keep_starting_point(run: Run) -> None:
@@ -443,7 +461,7 @@ def setup_run(phase, data, out, config, init, tracker, world: World) -> Run:
         if world.is_main:
             print(f"phase 2: starting from {source} (epoch {start['epoch']})", file=sys.stderr)
     place_model(model, world.device)
-    configure_backends(world.device)
+    configure_backends(world.device, config.deterministic)
     train_loader, train_sampler, val_loader = build_data(data, config, world)
     optimizer, scheduler = build_optimization(model, phase, config, len(train_loader), world.device)
     saver = None

@@ -14,6 +14,7 @@ leaves the previous file whole.
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -85,7 +86,8 @@ class CheckpointSaver:
             kept = self.frozen_ref and self.frozen_ref["sha256"] == digest
             if not (kept and self.path(FROZEN).is_file()):
                 self.frozen_ref = {"file": self.path(FROZEN).name, "sha256": digest}
-                jobs.append((write_frozen, self.path(FROZEN), self._frozen))
+                frozen_job = functools.partial(write_frozen, digest=digest)
+                jobs.append((frozen_job, self.path(FROZEN), self._frozen))
         whole = {**(self._frozen or {}), **trainable}
         if improved:
             payload = checkpoint_payload(whole, meta, epoch, best_metric)

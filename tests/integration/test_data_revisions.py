@@ -148,3 +148,18 @@ def test_a_token_in_the_repository_url_is_never_shown():
     with pytest.raises(DataError) as err:
         pull(url.replace("git.example.com", "127.0.0.1:9"), "v1", Path("/nonexistent"))
     assert "SECRET" not in str(err.value)
+
+
+def test_the_data_version_step_pulls_a_revision_for_the_pipeline(data_repo, tmp_path):
+    """What the pipeline's data-version step does with `data_repo`/`data_rev`: the data on the
+    volume (here `pulls`), the md5 conversion is keyed on, and the commit the run is tagged with."""
+    from cellseg.data.source import voc_md5
+    from cellseg.steps.data_version import data_version_step
+
+    repo, _ = data_repo
+    found = data_version_step("", data_repo=str(repo), data_rev="v1", pulls=str(tmp_path))
+    assert Path(found.source).parent == tmp_path
+    assert found.md5 == voc_md5(Path(found.source)) == pinned_md5(repo, "v1")
+    assert found.commit == sh("git", "rev-parse", "v1", cwd=repo)
+    with pytest.raises(DataError, match="the pipeline asked for"):
+        data_version_step("", "0" * 32 + ".dir", str(repo), "main", str(tmp_path))

@@ -52,6 +52,10 @@ def test_pipeline_produces_a_registered_model_a_report_and_a_comparison(
     (parent,) = [r for r in parents if r.data.tags.get("cellseg.pipeline_parent") == pipeline_run]
     assert parent.info.status == "FINISHED"
     assert all(r.info.status == "FINISHED" for r in parents if r.data.tags.get("cellseg.step"))
+    # the splits as MLflow datasets: named, with the raw data's DVC md5 as digest
+    inputs = client.get_run(phase1.info.run_id).inputs.dataset_inputs
+    assert sorted(i.dataset.name for i in inputs) == ["bccd-train", "bccd-val"]
+    assert {i.dataset.digest for i in inputs} == {manifest["source"]["dvc_md5"]}
     assert phase1.data.params["backbone"] == "test_vit" and "val_total" in phase1.data.metrics
     # the phase that shipped, in the checkpoint's metrics, both runs' tags and the summary
     chosen = metrics["chosen_phase"]

@@ -163,3 +163,15 @@ def test_the_data_version_step_pulls_a_revision_for_the_pipeline(data_repo, tmp_
     assert found.commit == sh("git", "rev-parse", "v1", cwd=repo)
     with pytest.raises(DataError, match="the pipeline asked for"):
         data_version_step("", "0" * 32 + ".dir", str(repo), "main", str(tmp_path))
+
+
+def test_the_splits_of_pulled_data_name_the_revision_as_their_mlflow_source(data_repo, tmp_path):
+    from cellseg.data.convert import convert_dataset
+    from cellseg.registry.tracking import split_dataset
+
+    repo, _ = data_repo
+    pulled = pull(str(repo), "v1", tmp_path / "pulls")
+    convert_dataset(Path(pulled.path), tmp_path / "dataset", workers=1)
+    test = split_dataset(tmp_path / "dataset", "test")
+    assert test.name == "bccd-test" and test.digest == pinned_md5(repo, "v1")
+    assert test.source.to_dict() == {"uri": f"{repo}@{pulled.commit}"}

@@ -149,3 +149,14 @@ def pull(repo: str, rev: str, to: Path) -> PulledData:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return record
+
+
+def pulled_from(folder: Path) -> str:
+    """``<repo>@<commit>`` of the pull that fetched the data in ``folder`` ("" for data put
+    there otherwise). The folder is named by the data's md5, so any commit pinning the same
+    md5 names the same data."""
+    record = Path(folder) / SOURCE_RECORD
+    if not record.is_file():
+        return ""
+    found = json.loads(record.read_text())
+    return f"{found['repo']}@{found['commit']}"

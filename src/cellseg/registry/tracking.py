@@ -289,18 +289,21 @@ SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
 
 def split_dataset(data: Path, split: str):
     """One split of a converted dataset as an MLflow dataset: named ``bccd-<split>``, its
-    digest the raw data's DVC md5, its source where the raw data came from."""
+    digest the raw data's DVC md5, its source the data repository's revision it was pulled
+    from (``<repo>@<commit>``), else the folder it was read from."""
     import warnings
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     from cellseg.data.manifest import read_manifest
+    from cellseg.data.revision import pulled_from
 
     source = read_manifest(Path(data))["source"]
+    revision = pulled_from(Path(source["path"]))  # repo@commit, for data pulled by revision
     with warnings.catch_warnings():  # a local path matches MLflow's local artifact source under
         warnings.simplefilter("ignore", UserWarning)  # two registrations: the same class
-        location = resolve_dataset_source(source["path"])
+        location = resolve_dataset_source(revision or source["path"])
     return MetaDataset(location, name=f"bccd-{split}", digest=source.get("dvc_md5") or None)
 
 

@@ -7,10 +7,6 @@ from components import IMAGE
 def finish_run(pipeline_run_id: str, mlflow_uri: str, status: dsl.PipelineTaskFinalStatus) -> str:
     """The exit handler: the parent MLflow run FINISHED or FAILED (failed steps, error), the
     run's scratch folder on the checkpoints volume removed; a one-line summary."""
-    from pathlib import Path
-
-    from cellseg import settings
-    from cellseg.cluster.client import in_cluster
     from cellseg.steps.finish_run import finish_run_step
 
     return finish_run_step(
@@ -18,5 +14,4 @@ def finish_run(pipeline_run_id: str, mlflow_uri: str, status: dsl.PipelineTaskFi
         state=status.state,
         error=status.error_message or "",
         mlflow_uri=mlflow_uri,
-        scratch_root=Path(settings.CHECKPOINTS_MOUNT) if in_cluster() else None,
     )

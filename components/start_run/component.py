@@ -14,10 +14,13 @@ def start_run(
 ) -> str:
     """The pipeline run's parent MLflow run, created before any other step logs and handed on
     to each of them; tagged with the data's repository, revision and resolved commit."""
-    from cellseg.data.revision import shown
     from cellseg.steps.start_run import start_run_step
 
-    data = {"repo": shown(data_repo), "rev": data_rev, "commit": data_commit}
     return start_run_step(
-        pipeline_run_id=pipeline_run_id, tags=run_tags, mlflow_uri=mlflow_uri, data=data
+        pipeline_run_id=pipeline_run_id,
+        tags=run_tags,
+        mlflow_uri=mlflow_uri,
+        data_repo=data_repo,
+        data_rev=data_rev,
+        data_commit=data_commit,
     )

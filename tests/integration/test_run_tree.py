@@ -92,6 +92,10 @@ def test_under_kfps_mlflow_integration_steps_log_into_kfps_runs(sqlite_mlflow_ur
 
 
 def test_the_exit_handler_ends_the_tree_and_removes_the_runs_scratch(sqlite_mlflow_uri, tmp_path):
+    """An exit handler learns only the final state: kfp.local passes ``SUCCEEDED`` or
+    ``FAILED`` (``kfp/local/orchestrator/orchestrator_utils.py``, kfp 2.17.3); the backend's
+    driver passes the exit-handler group's MLMD state, ``COMPLETE`` on success, and an empty
+    error (``backend/src/v2/driver/resolve.go``, tag 2.17.0). The failed steps come from MLflow."""
     pipeline_run = uuid.uuid4().hex
     parent = tracking.start_parent(pipeline_run)
     with tracking.step_run("phase1", pipeline_run, parent=parent):
@@ -104,7 +108,7 @@ def test_the_exit_handler_ends_the_tree_and_removes_the_runs_scratch(sqlite_mlfl
     scratch.mkdir(parents=True)
     (scratch / "latest_phase2.pt").write_bytes(b"\0" * 1000)
 
-    line = finish_run_step(pipeline_run, "FAILED", "", None, tmp_path)
+    line = finish_run_step(pipeline_run, "FAILED", "", None, tmp_path / pipeline_run)
     assert line == (
         f"pipeline run {pipeline_run}: FAILED; failed: phase2; MLflow run {parent} FAILED; "
         f"removed {tmp_path / pipeline_run} (0.0 GB)"
@@ -118,7 +122,7 @@ def test_the_exit_handler_ends_the_tree_and_removes_the_runs_scratch(sqlite_mlfl
     # the backend reports success as the group's MLMD state, COMPLETE (see SUCCEEDED_STATES)
     other = uuid.uuid4().hex
     finished = tracking.start_parent(other)
-    assert "FINISHED" in finish_run_step(other, "COMPLETE", "", None, tmp_path)
+    assert "FINISHED" in finish_run_step(other, "COMPLETE", "", None, tmp_path / other)
     assert client.get_run(finished).info.status == "FINISHED"
 
 
@@ -152,5 +156,5 @@ def test_the_scratch_goes_even_when_mlflow_cannot_be_reached(tmp_path, monkeypat
     monkeypatch.setattr(tracking, "finish_parent", unreachable)
     (tmp_path / "run-1" / "phase1").mkdir(parents=True)
     with pytest.raises(ConnectionError):
-        finish_run_step("run-1", "FAILED", "", None, tmp_path)
+        finish_run_step("run-1", "FAILED", "", None, tmp_path / "run-1")
     assert not (tmp_path / "run-1").exists()

@@ -129,26 +129,6 @@ def pull(repo: str, rev: str, to: Path) -> PulledData:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return record
-    to.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=to))
-    try:
-        try:
-            fs.get(data_path, str(staging / "data"), recursive=True)
-        except Exception as err:  # unreachable remote, missing object, no credentials
-            raise DataError(
-                f"{repo}@{rev}: cannot fetch {data_path} ({md5}) from its DVC remote "
-                f"{remote_url(fs)} ({_first_line(err)})"
-            ) from None
-        found = dvc_dir_md5(file_checksums(staging / "data"))
-        if found != md5:
-            raise DataError(f"{repo}@{rev}: fetched {data_path} has md5 {found}, not {md5}")
-        (staging / "data" / SOURCE_RECORD).write_text(json.dumps(asdict(record), indent=2))
-        if dest.exists():  # a half-recorded folder of an interrupted pull
-            shutil.rmtree(dest)
-        os.replace(staging / "data", dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return record
 
 
 def pulled_from(folder: Path) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from cellseg.cluster.client import run_scratch
 from cellseg.registry import tracking
 
 # The final state KFP hands an exit handler when the run succeeded: kfp.local writes
@@ -26,14 +27,14 @@ def finish_run_step(
     state: str,
     error: str,
     mlflow_uri: str | None,
-    scratch_root: Path | None,
+    scratch: Path | None = None,
 ) -> str:
     """End the run; returns the one-line summary (also printed).
 
     Args:
         state: the run's final state as KFP reports it (:data:`SUCCEEDED_STATES`, else failed).
         error: KFP's error message, when it gives one.
-        scratch_root: the checkpoints volume's mount (None: not on a cluster, no scratch).
+        scratch: the run's scratch folder (default: the checkpoints volume's, on a cluster).
     """
     succeeded = state in SUCCEEDED_STATES
     parts = [f"pipeline run {pipeline_run_id}: {state}"]
@@ -46,15 +47,14 @@ def finish_run_step(
         if ending.parent:
             parts.append(f"MLflow run {ending.parent} {ending.status}")
     finally:  # the scratch goes even when MLflow cannot be reached
-        parts.append(remove_scratch(scratch_root, pipeline_run_id))
+        parts.append(remove_scratch(scratch or run_scratch(pipeline_run_id)))
     line = "; ".join(p for p in parts if p)
     print(line)
     return line
 
 
-def remove_scratch(scratch_root: Path | None, pipeline_run_id: str) -> str:
-    """Delete ``<scratch_root>/<pipeline run>``; what was done, in words ("" for nothing)."""
-    scratch = Path(scratch_root) / pipeline_run_id if scratch_root else None
+def remove_scratch(scratch: Path | None) -> str:
+    """Delete the run's ``scratch`` folder; what was done, in words ("" for nothing)."""
     if scratch is None or not scratch.exists():
         return ""
     size = folder_size(scratch)

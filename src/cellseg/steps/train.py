@@ -10,7 +10,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cellseg import settings
 from cellseg.errors import TrainingError
 from cellseg.model.checkpoint import BEST, checkpoint_files, checkpoint_path, find_checkpoint
 from cellseg.registry import tracking
@@ -95,11 +94,11 @@ def train_step(
     job's pods mount), stable across retries, so a re-run step resumes from ``latest``.
     Elsewhere it runs here, under torchrun for several processes.
     """
-    from cellseg.cluster.client import in_cluster
+    from cellseg.cluster.client import run_scratch
 
     if request.phase == 2 and init is None:
         raise TrainingError("Phase 2 needs its input model (Phase 1's checkpoint)")
-    run_root = Path(settings.CHECKPOINTS_MOUNT) / pipeline_run_id if in_cluster() else None
+    run_root = run_scratch(pipeline_run_id)
     work = run_root / f"phase{request.phase}" if run_root else out
     work.mkdir(parents=True, exist_ok=True)
     step = f"phase{request.phase}"

@@ -4,10 +4,10 @@ gate in register. start-run creates the run's parent MLflow run before any step 
 it on; finish-run, the exit handler, ends it (FINISHED or FAILED) and removes the run's scratch
 folder on the checkpoints volume, however the run ended.
 
-The GPU step (evaluation) gets the accelerator type and limit, the node selector and the
-tolerations. Training steps launch PyTorchJobs (Master + Workers) that get the GPUs, the node
-selector and the tolerations; the steps themselves only wait, on CPU. Other steps ask for CPU
-and memory only. Conversion is cached on the data md5; training and evaluation never are (a
+The inference steps (evaluate, score-champion) get the accelerator type and one GPU, the node
+selector and the tolerations. Training steps launch PyTorchJobs or TrainJobs that get the GPUs,
+the node selector and the tolerations; the steps themselves only wait, on CPU. Other steps ask
+for CPU and memory only. Conversion is cached on the data md5; training and evaluation never are (a
 retraining run must retrain). Every step that talks to MLflow reads its credential from the
 ``cellseg-mlflow-auth`` Secret when there is one (the mlflow-team overlay's basic-auth).
 """
@@ -29,6 +29,13 @@ from components.start_run.component import start_run
 from components.train.component import train
 
 PIPELINE_NAME = "cellseg"
+# What a training step reads of its own pod (the downward API): the job's owner, and the Argo
+# Workflow whose termination deletes the job (Argo labels every step pod with it).
+STEP_POD_FIELDS = {
+    "POD_NAME": "metadata.name",
+    "POD_UID": "metadata.uid",
+    "WORKFLOW_NAME": "metadata.labels['workflows.argoproj.io/workflow']",
+}
 
 
 def on_gpu(task: dsl.PipelineTask, gpus, node_selector, tolerations) -> dsl.PipelineTask:
@@ -161,13 +168,19 @@ def cellseg_pipeline(
         for task in (phase1, phase2):
             on_cpu(task).set_caching_options(False)
             # a retried step adopts its running job or resumes from `latest` on the volume
-            task.set_retry(num_retries=2, backoff_duration="120s", backoff_factor=2.0)
-            for env, field_path in (("POD_NAME", "metadata.name"), ("POD_UID", "metadata.uid")):
+            task.set_retry(
+                num_retries=settings.TRAIN_RETRIES,
+                backoff_duration=f"{settings.TRAIN_RETRY_BACKOFF_SECONDS}s",
+                backoff_factor=settings.TRAIN_RETRY_BACKOFF_FACTOR,
+                backoff_max_duration=f"{settings.train_retry_window_seconds()}s",
+            )
+            for env, field_path in STEP_POD_FIELDS.items():
                 kubernetes.use_field_path_as_env(task, env_name=env, field_path=field_path)
             kubernetes.mount_pvc(
                 task, pvc_name=settings.CHECKPOINTS_PVC, mount_path=settings.CHECKPOINTS_MOUNT
             )
-        on_gpu(scores, gpus_per_node, node_selector, tolerations).set_caching_options(False)
+        on_gpu(scores, settings.INFERENCE_GPUS, node_selector, tolerations)
+        scores.set_caching_options(False)
         champion = score_champion(
             dataset=dataset,
             pipeline_run_id=run_id,
@@ -175,7 +188,8 @@ def cellseg_pipeline(
             mlflow_uri=mlflow_uri,
             mlflow_parent_run=parent,
         )
-        on_gpu(champion, gpus_per_node, node_selector, tolerations).set_caching_options(False)
+        on_gpu(champion, settings.INFERENCE_GPUS, node_selector, tolerations)
+        champion.set_caching_options(False)
         gate = on_cpu(
             register(
                 model=phase2.outputs["model"],

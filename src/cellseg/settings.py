@@ -17,6 +17,7 @@ NAMESPACE = "cellseg"
 ACCELERATOR = "nvidia.com/gpu"  # the extended resource GPU nodes advertise
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}  # NVIDIA GPU feature discovery's label
 GPU_TOLERATIONS = ({"effect": "NoSchedule", "key": ACCELERATOR, "operator": "Exists"},)
+INFERENCE_GPUS = 1  # evaluate and score-champion run one model on one device, as the predictor
 
 DATASETS_PVC, DATASETS_MOUNT = "cellseg-datasets", "/mnt/datasets"
 DVC_PULLS = f"{DATASETS_MOUNT}/dvc"  # data pulled by revision, one folder per DVC md5
@@ -38,6 +39,15 @@ CLUSTER_PROFILE, LOCAL_PROFILE = "uni-gpu", "local"
 # or Kubeflow Trainer v2 TrainJob.
 PYTORCHJOB, TRAINJOB = "pytorchjob", "trainjob"
 TRAINING_ENGINES = (PYTORCHJOB, TRAINJOB)
+
+
+# The training steps' retries. Argo measures a retry strategy's maxDuration from the first
+# attempt's start and gives later attempts' pods what is left as their deadline, so the window
+# must cover every attempt waiting in the queue and training to its deadline
+# (tests/unit/test_pipeline_spec.py cites the upstream code).
+TRAIN_RETRIES = 2
+TRAIN_RETRY_BACKOFF_SECONDS, TRAIN_RETRY_BACKOFF_FACTOR = 120, 2.0
+MAX_TRAIN_TIMEOUT_HOURS = 168.0  # the largest train_timeout_hours a run may ask for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,9 +77,26 @@ class TrainingJobSettings:
             )
         if self.num_nodes < 1 or self.gpus_per_node < 1:
             raise ValueError("num_nodes and gpus_per_node must be >= 1")
+        if not 0 < self.train_timeout_hours <= MAX_TRAIN_TIMEOUT_HOURS:
+            raise ValueError(
+                f"train_timeout_hours {self.train_timeout_hours:g}: expected more than 0 and at "
+                f"most {MAX_TRAIN_TIMEOUT_HOURS:g} (the compiled retry window covers that)"
+            )
 
 
 TRAINING_JOB = TrainingJobSettings()  # the defaults, as one object
+
+
+def train_retry_window_seconds() -> int:
+    """Argo's ``backoff.maxDuration`` for a training step: every attempt queued and training
+    to its deadline, plus the backoffs between them."""
+    attempts = TRAIN_RETRIES + 1
+    per_attempt = (TRAINING_JOB.queue_timeout_hours + MAX_TRAIN_TIMEOUT_HOURS) * 3600
+    backoffs = sum(
+        TRAIN_RETRY_BACKOFF_SECONDS * TRAIN_RETRY_BACKOFF_FACTOR**i for i in range(TRAIN_RETRIES)
+    )
+    return int(attempts * per_attempt + backoffs)
+
 
 # The promotion gate: the largest drop of one class's PQ a better challenger may bring.
 PROMOTION_TOLERANCE = 0.02

@@ -37,6 +37,7 @@ CRD_FILES = (
     "kueue/kueue.x-k8s.io_workloads.yaml",
     "serving.kserve.io_inferenceservices.yaml",  # KServe v0.20.0 (overlays/serving*)
     "serving.kserve.io_clusterservingruntimes.yaml",
+    "argoproj.io_workflows.yaml",  # Argo v4.0.5 (KFP 2.17): the launcher reads its run's Workflow
 )
 NAMESPACE = "cellseg"
 PIPELINE_SA = f"system:serviceaccount:{NAMESPACE}:cellseg-pipeline"

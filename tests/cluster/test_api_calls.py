@@ -66,14 +66,22 @@ def recording(api_client, calls: set):
 
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_a_launcher_run_makes_exactly_the_listed_calls(installed, kubelet, engine):
-    """Submit, follow rank 0's log, read the pods' events, succeed; a retry adopts the job
-    (patch), asks Kueue why it was suspended, and deletes it."""
+    """Submit, follow rank 0's log, read the pods' events and the run's Workflow, succeed; a
+    retry adopts the job (patch), asks Kueue why it was suspended, and deletes it."""
+    from kubernetes import client
+
     e, name = ENGINES[engine], f"calls-{engine}"
+    workflow = {"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow",
+                "metadata": {"name": f"run-{name}"}, "spec": {"entrypoint": "main"}}  # fmt: skip
+    client.CustomObjectsApi(installed.client("admin")).create_namespaced_custom_object(
+        "argoproj.io", "v1alpha1", NAMESPACE, "workflows", workflow
+    )
     pod = f"{name}-rank0"
     kubelet.scripts[(pod, e.container)] = [[(lines(0, "rank 0: step 1"), 30)]]
     calls: set[ApiCall] = set()
     api = recording(installed.client(PIPELINE_SA), calls)
-    runner = JobRunner(e, api, poll_seconds=1, out=io.StringIO(), delete_timeout=20)
+    runner = JobRunner(e, api, poll_seconds=1, out=io.StringIO(), delete_timeout=20,
+                       workflow=f"run-{name}")  # fmt: skip
     thread, outcome = launch_in_thread(runner, build_job(spec(name, engine=engine)), timeout=60)
     operator = Operator(installed, engine)
     operator.wait_for(name)

@@ -131,3 +131,25 @@ def test_cellseg_doctor_exits_non_zero_and_prints_one_line_per_requirement(insta
     assert all(line.split()[0] in ("PASS", "FAIL", "WARN") for line in out), out
     assert "FAIL  TrainingRuntime doctor-cli/cellseg-torch: missing  -> fix:" in result.stdout
     assert "requirement(s) failed" in result.stderr
+
+
+@pytest.mark.parametrize("kubeconfig", ["absent", "garbled"])
+def test_doctor_without_usable_cluster_credentials_is_one_line_naming_where_it_looked(
+    tmp_path, kubeconfig
+):
+    """Not in a pod and no usable kubeconfig: one line with the path it read and how to point
+    it at a cluster, exit 2, no traceback (the kubernetes client raises ConfigException or a
+    YAML error)."""
+    path = tmp_path / "config"
+    if kubeconfig == "garbled":
+        path.write_text("clusters: [\n")
+    env = {**os.environ, "KUBECONFIG": str(path), "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "cellseg.cli", "doctor"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert str(path) in err[0] and "KUBECONFIG" in err[0], err[0]

@@ -144,7 +144,10 @@ def test_a_failed_job_raises_with_the_operators_reason_and_message(installed, ru
     operator.condition(name, "Failed", "BackoffLimitExceeded", "rank 0 exited with code 1")
     error = finish(thread, outcome).get("error")
     assert isinstance(error, JobFailed), outcome
-    assert "BackoffLimitExceeded: rank 0 exited with code 1" in str(error)
+    assert "BackoffLimitExceeded: rank 0 exited with code 1; deleted" in str(error)
+    # deleted once its logs are read: a Failed job left behind holds its pods until a TTL, and
+    # a TrainJob's would be rebuilt by Trainer when that TTL removes its JobSet
+    assert runner_for(engine).get(name, NAMESPACE) is None
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)

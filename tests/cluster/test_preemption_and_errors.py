@@ -54,6 +54,20 @@ def evicted_workload(operator: Operator, name: str) -> None:
     ``v1beta2``, the storage version of kubernetes-sigs/kueue v0.19.2's
     ``config/components/crd/bases/kueue.x-k8s.io_workloads.yaml`` (v1beta1 is still served), the
     version the launcher reads."""
+    address, workload = job_workload(operator, name)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    condition = {"type": "Evicted", "status": "True", "reason": "Preempted",
+                 "message": "Preempted to accommodate a workload (UID: 42) in the ClusterQueue",
+                 "lastTransitionTime": now}  # fmt: skip
+    status = {"status": {"conditions": [condition]}}
+    operator.custom.patch_namespaced_custom_object_status(
+        *address, workload["metadata"]["name"], status
+    )
+
+
+def job_workload(operator: Operator, name: str) -> tuple[tuple, dict]:
+    """The Workload Kueue makes for a job of a framework it manages, labelled with the job's
+    uid; returns its address and body."""
     job = operator.wait_for(name)
     address = (KUEUE_GROUP, KUEUE_VERSION, NAMESPACE, "workloads")  # as Kueue 0.19 stores it
     workload = {
@@ -65,14 +79,7 @@ def evicted_workload(operator: Operator, name: str) -> None:
             "template": {"spec": {"containers": [{"name": "c", "image": "x:1"}]}}}]},
     }  # fmt: skip
     operator.custom.create_namespaced_custom_object(*address, workload)
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    condition = {"type": "Evicted", "status": "True", "reason": "Preempted",
-                 "message": "Preempted to accommodate a workload (UID: 42) in the ClusterQueue",
-                 "lastTransitionTime": now}  # fmt: skip
-    status = {"status": {"conditions": [condition]}}
-    operator.custom.patch_namespaced_custom_object_status(
-        *address, workload["metadata"]["name"], status
-    )
+    return address, workload
 
 
 @pytest.mark.parametrize("engine", sorted(ENGINES))
@@ -97,6 +104,48 @@ def test_a_preempted_job_waits_and_its_deadline_restarts_on_readmission(kueue_wo
     log = r.out.getvalue()
     assert "suspended again after admission (Evicted: Preempted: Preempted to accommodate" in log
     assert "admitted again; its running deadline restarts" in log
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_a_queued_job_kueue_makes_no_workload_for_fails_naming_its_integrations(
+    kueue_workloads, engine
+):
+    """Kueue creates a Workload only for the job kinds enabled in its configuration's
+    ``integrations.frameworks``; a suspended job of another kind is never admitted, and the
+    launcher used to say "queued" for a week. kubernetes-sigs/kueue v0.19.2
+    config/components/manager/controller_manager_config.yaml (the ConfigMap
+    ``kueue-system/kueue-manager-config``, key ``controller_manager_config.yaml``) and
+    charts/kueue/values.yaml enable ``trainer.kubeflow.org/trainjob`` but leave
+    ``# - "kubeflow.org/pytorchjob"`` commented out; Kueue labels each Workload it makes with
+    ``kueue.x-k8s.io/job-uid`` (pkg/controller/jobframework/reconciler.go, ``JobUIDLabel``)."""
+    name = f"unmanaged-{engine}"
+    r = runner(kueue_workloads, engine)
+    r.workload_grace = 2.0
+    job = build_job(spec(name, queue_name="cellseg-gpu", engine=engine))
+    thread, outcome = launch_in_thread(r, job, timeout=60, queue_timeout=600)
+    error = finish(thread, outcome, 40).get("error")
+    assert isinstance(error, JobFailed), outcome
+    message = str(error)
+    assert "\n" not in message and "no Kueue Workload" in message, message
+    assert f"add {ENGINES[engine].kueue_framework} to integrations.frameworks in " in message
+    assert "kueue-system/kueue-manager-config" in message
+    assert r.get(name, NAMESPACE) is None
+
+
+def test_a_queued_job_with_its_workload_keeps_waiting_past_the_grace(kueue_workloads):
+    engine, name = "pytorchjob", "managed"
+    r = runner(kueue_workloads, engine)
+    r.workload_grace = 2.0
+    job = build_job(spec(name, queue_name="cellseg-gpu", engine=engine))
+    thread, outcome = launch_in_thread(r, job, timeout=60, queue_timeout=600)
+    operator = Operator(kueue_workloads, engine)
+    job_workload(operator, name)
+    time.sleep(4)
+    assert thread.is_alive(), outcome
+    operator.admit(name)
+    time.sleep(1)
+    operator.condition(name, ENGINES[engine].succeeded)
+    assert finish(thread, outcome).get("result") == "succeeded", outcome
 
 
 def test_the_queue_timeout_counts_from_the_last_suspension(kueue_workloads):

@@ -8,6 +8,7 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from cellseg import settings
 from cellseg.data.manifest import FORMAT as DATASET_FORMAT
 from pipelines.compile import DEFAULT_OUTPUT, compile_pipeline
 
@@ -50,7 +51,7 @@ def executors(committed):
     return pipeline["deploymentSpec"]["executors"], k8s
 
 
-# training GPUs belong to the PyTorchJobs, not to KFP pods; both inference steps get one
+# training GPUs belong to the PyTorchJobs, not to KFP pods; both inference steps get one GPU
 GPU_EXECUTORS = {"exec-evaluate", "exec-score-champion"}
 TRAINING_TASKS = {"train": 1, "train-2": 2}  # DAG task -> phase
 
@@ -60,7 +61,8 @@ def test_gpu_steps_carry_accelerator_selector_and_toleration(committed):
     for step in (name.removeprefix("exec-") for name in GPU_EXECUTORS):
         resources = containers[f"exec-{step}"]["container"]["resources"]
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu", step
-        assert "gpus_per_node" in resources["accelerator"]["resourceCount"], step
+        # one model on one device: gpus_per_node GPUs would sit idle on an 8-GPU node
+        assert resources["accelerator"]["resourceCount"] == str(settings.INFERENCE_GPUS) == "1"
         config = k8s[f"exec-{step}"]
         assert config["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == channel(
             "node_selector"
@@ -257,3 +259,27 @@ def test_the_data_comes_from_data_version_by_revision_or_from_source(committed):
     secrets = k8s["exec-data-version"]["secretAsEnv"]
     assert [(s["secretName"], s["optional"]) for s in secrets] == [("cellseg-dvc-remote", True)]
     assert k8s["exec-data-version"]["pvcMount"][0]["mountPath"] == "/mnt/datasets"
+
+
+def test_training_retries_cover_every_attempt_queued_and_training_to_its_deadline(committed):
+    """A retry without ``backoff_max_duration`` compiles to 3600 s (kubeflow/pipelines
+    sdk-2.17.0-1 sdk/python/kfp/dsl/structures.py ``RetryPolicy.to_proto``; SDKs up to 2.16.1
+    clamp any value to 3600 s there); the backend hands it to Argo unchanged
+    (2.17.0 backend/src/v2/compiler/argocompiler/container.go ``getTaskRetryStrategyFromInput``;
+    2.5.0 ``getTaskRetryStrategy``). Argo measures ``backoff.maxDuration`` from the first
+    attempt's ``StartedAt``, fails the node once it has passed, and gives a later attempt the
+    rest as its ``ARGO_DEADLINE``, which the executor enforces with SIGTERM
+    (argoproj/argo-workflows v4.0.5 workflow/controller/operator.go ``processNodeRetries``,
+    workflow/executor/executor.go ``monitorDeadline``; the same in v3.5.14). With 3600 s a
+    failure after hour one is never retried and a retry is killed at the one-hour mark."""
+    tasks = body(committed)
+    per_attempt = settings.TRAINING_JOB.queue_timeout_hours + settings.MAX_TRAIN_TIMEOUT_HOURS
+    for step in TRAINING_TASKS:
+        policy = tasks[step]["retryPolicy"]
+        assert policy["maxRetryCount"] == settings.TRAIN_RETRIES == 2
+        window = int(policy["backoffMaxDuration"].removesuffix("s"))
+        backoffs = int(policy["backoffDuration"].removesuffix("s")) * (1 + policy["backoffFactor"])
+        assert window >= (policy["maxRetryCount"] + 1) * per_attempt * 3600 + backoffs, step
+    assert settings.TRAINING_JOB.train_timeout_hours <= settings.MAX_TRAIN_TIMEOUT_HOURS
+    with pytest.raises(ValueError, match="compiled retry window"):
+        settings.TrainingJobSettings(train_timeout_hours=settings.MAX_TRAIN_TIMEOUT_HOURS + 1)

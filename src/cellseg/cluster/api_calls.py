@@ -13,6 +13,7 @@ from cellseg.cluster.jobs import ENGINES
 from cellseg.serving import rollout
 
 KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"  # served from Kueue v0.16
+ARGO_GROUP, ARGO_VERSION = "argoproj.io", "v1alpha1"  # the Workflow a KFP run is
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ def launcher_calls(engine_name: str) -> tuple[ApiCall, ...]:
         ApiCall("list", "pods"),  # the job's pods, read for failures only they show
         ApiCall("get", "pods", subresource="log"),  # rank 0's log, followed
         ApiCall("list", "events"),  # the kubelet's and the scheduler's word on stuck pods
-        ApiCall("list", "workloads", KUEUE_GROUP, KUEUE_VERSION),  # why Kueue suspended it
+        ApiCall("list", "workloads", KUEUE_GROUP, KUEUE_VERSION),  # admitted? why suspended?
+        ApiCall("get", "workflows", ARGO_GROUP, ARGO_VERSION),  # is the run being terminated?
     )
 
 

@@ -45,15 +45,16 @@ class Engine:
     pod_label: str  # pods carry <pod_label>=<job name>
     succeeded: str  # the condition type that means done
     container: str  # the training container's name
+    kueue_framework: str  # its name in Kueue's integrations.frameworks
 
 
 PYTORCHJOB = Engine(
     PYTORCHJOB_NAME, "PyTorchJob", "kubeflow.org", "v1", "pytorchjobs",
-    "training.kubeflow.org/job-name", "Succeeded", "pytorch",
+    "training.kubeflow.org/job-name", "Succeeded", "pytorch", "kubeflow.org/pytorchjob",
 )  # fmt: skip
 TRAINJOB = Engine(
     TRAINJOB_NAME, "TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs",
-    "jobset.sigs.k8s.io/jobset-name", "Complete", "node",
+    "jobset.sigs.k8s.io/jobset-name", "Complete", "node", "trainer.kubeflow.org/trainjob",
 )  # fmt: skip
 ENGINES = {e.name: e for e in (PYTORCHJOB, TRAINJOB)}
 
@@ -70,6 +71,7 @@ class JobSpec:
     backoff_limit: int = 3
     ttl_seconds_after_finished: int = 7 * 24 * 3600
     owner_pod: tuple[str, str] = ()  # (name, uid) of the step's pod: the job goes with it
+    workflow: str = ""  # the step's Argo Workflow: a terminated run deletes the job
 
     @property
     def timeout_seconds(self) -> int:

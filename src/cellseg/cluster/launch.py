@@ -8,7 +8,14 @@ from the last suspension, says clearly that the job never left the queue. While 
 its pods are read for failures only they show (:mod:`cellseg.cluster.pods`) and rank 0's log is
 streamed (:mod:`cellseg.cluster.logs`). A retried step whose job already exists (409) adopts it
 when it is the same job (same ``cellseg.kfp/job-key``) and replaces it when it failed. A job the
-API server rejects, or an engine whose CRD is missing, is one line. SIGTERM deletes the job.
+API server rejects, or an engine whose CRD is missing, is one line.
+
+A job never outlives its step's reason to exist: one the operator marks Failed is deleted once
+its logs are read (Trainer would rebuild a failed TrainJob's JobSet when its TTL removes it); a
+queued job Kueue has made no Workload for is deleted with the reason (Kueue does not manage that
+kind); SIGTERM sends the DELETE first, before anything else, since KFP's launcher does not
+forward the signal and the process is killed soon after; and the step's Argo Workflow is read
+every loop, so a terminated run deletes the job even where the signal never arrives.
 """
 
 from __future__ import annotations
@@ -21,10 +28,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from cellseg.cluster.api_calls import KUEUE_GROUP, KUEUE_VERSION
+from cellseg.cluster.api_calls import ARGO_GROUP, ARGO_VERSION, KUEUE_GROUP, KUEUE_VERSION
 from cellseg.cluster.jobs import ENGINES, KEY_ANNOTATION, QUEUE_LABEL, Engine, JobSpec, build_job
 from cellseg.cluster.logs import LogFollower, pod_log_stream
-from cellseg.cluster.pods import DEFAULT_LIMITS, Limits, pod_failure
+from cellseg.cluster.pods import DEFAULT_LIMITS, Limits, pod_failure, timestamp
 from cellseg.errors import JobFailed
 from cellseg.settings import PYTORCHJOB, TRAINJOB
 
@@ -34,6 +41,8 @@ INSTALL = {  # what a cluster without the engine's API needs
     PYTORCHJOB: "install the Kubeflow Training Operator v1.9, or use "
     f"training_engine={TRAINJOB} (Kubeflow Trainer v2)",
 }
+KUEUE_CONFIG = "ConfigMap kueue-system/kueue-manager-config"  # Kueue's manager configuration
+WORKLOAD_GRACE_SECONDS = 180.0  # Kueue makes a job's Workload within seconds of its creation
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,8 @@ class JobRunner:
         out=sys.stdout,
         limits: Limits = DEFAULT_LIMITS,
         progress_every: float = 30.0,
+        workflow: str = "",
+        workload_grace: float = WORKLOAD_GRACE_SECONDS,
     ):
         from kubernetes import client
 
@@ -112,6 +123,9 @@ class JobRunner:
         self.out = out
         self.limits = limits
         self.progress_every = progress_every  # carriage-return progress: one line this often
+        self.workflow = workflow  # the step's Argo Workflow; "" = not read
+        self.workload_grace = workload_grace
+        self._workflow_unreadable = False
         self._follower: LogFollower | None = None
         self._follower_pod: str | None = None
 
@@ -129,17 +143,22 @@ class JobRunner:
                 return None
             raise
 
-    def delete(self, name: str, namespace: str) -> None:
-        """Delete the job and wait, at most ``delete_timeout``, until it is gone."""
+    def request_delete(self, name: str, namespace: str, custom=None) -> None:
+        """Send the DELETE and return at once (gone or never created: nothing to do)."""
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self.custom.delete_namespaced_custom_object(
-                *self._address(namespace), name, propagation_policy="Background"
-            )
+            (custom or self.custom).delete_namespaced_custom_object(
+                *self._address(namespace), name, propagation_policy="Background",
+                _request_timeout=10,
+            )  # fmt: skip
         except ApiException as err:
             if err.status != 404:
                 raise
+
+    def delete(self, name: str, namespace: str) -> None:
+        """Delete the job and wait, at most ``delete_timeout``, until it is gone."""
+        self.request_delete(name, namespace)
         deadline = time.monotonic() + self.delete_timeout
         while self.get(name, namespace) is not None:
             if time.monotonic() > deadline:
@@ -298,6 +317,59 @@ class JobRunner:
                     )
         return "; ".join(reasons)
 
+    def kueue_took(self, job: dict) -> bool | None:
+        """Whether Kueue made a Workload for ``job``; None when it cannot be asked (no rights).
+        Raises :class:`JobFailed` when no Kueue serves Workloads at all."""
+        from kubernetes.client.exceptions import ApiException
+
+        uid = job["metadata"].get("uid")
+        try:
+            found = self.custom.list_namespaced_custom_object(
+                KUEUE_GROUP, KUEUE_VERSION, job["metadata"]["namespace"], "workloads",
+                label_selector=f"kueue.x-k8s.io/job-uid={uid}",
+            )["items"]  # fmt: skip
+        except ApiException as err:
+            if err.status == 404:
+                raise JobFailed(
+                    f"Kueue's Workload API ({KUEUE_GROUP}/{KUEUE_VERSION}) is not served, so "
+                    "nothing will admit a queued job: install Kueue v0.16+ or set queue_name=''"
+                ) from None
+            return None
+        return bool(found)
+
+    def run_terminated(self, namespace: str) -> str:
+        """Why the step's pipeline run is being terminated; "" while it is not (or the Workflow
+        cannot be read). KFP terminates a run by setting its Workflow's
+        ``spec.activeDeadlineSeconds`` to 0, Argo's own stop and terminate set ``spec.shutdown``."""
+        from kubernetes.client.exceptions import ApiException
+
+        if not self.workflow or self._workflow_unreadable:
+            return ""
+        where = f"Workflow {namespace}/{self.workflow}"
+        try:
+            workflow = self.custom.get_namespaced_custom_object(
+                ARGO_GROUP, ARGO_VERSION, namespace, "workflows", self.workflow
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return f"{where} was deleted"
+            self._workflow_unreadable = True  # no rights: SIGTERM and the owner reference stay
+            print(f"{where}: cannot read it ({err.status} {err.reason}); a terminated run is "
+                  "seen by its SIGTERM only", file=self.out, flush=True)  # fmt: skip
+            return ""
+        except Exception as err:
+            if _is_disconnect(err):
+                return ""
+            raise
+        spec = workflow.get("spec") or {}
+        if spec.get("shutdown"):
+            return f"{where} has shutdown={spec['shutdown']}"
+        if spec.get("activeDeadlineSeconds") == 0:
+            return f"{where} has activeDeadlineSeconds=0 (terminated)"
+        if workflow["metadata"].get("deletionTimestamp"):
+            return f"{where} is being deleted"
+        return ""
+
     def next_version(self, job: dict, seconds: float) -> dict | None:
         """The job after its next change, or as it is after ``seconds`` without one; None once
         deleted. An expired watch (410) or a dropped connection re-reads the job instead."""
@@ -352,6 +424,8 @@ class JobRunner:
         what = f"{self.engine.kind} {namespace}/{name}"
         queue = (job["metadata"].get("labels") or {}).get(QUEUE_LABEL, "")
         suspended_since, admitted, ever_admitted = time.monotonic(), None, False
+        created = timestamp(job["metadata"].get("creationTimestamp")) or time.time()
+        kueue_took = not queue  # without a queue, nothing to check
         current: dict | None = job
         while True:
             if current is None:
@@ -360,9 +434,26 @@ class JobRunner:
             now = time.monotonic()
             if status.state == "succeeded":
                 return
+            terminated = self.run_terminated(namespace)
+            if terminated:
+                self.delete(name, namespace)
+                raise JobFailed(f"{what}: the pipeline run is terminated ({terminated}); deleted")
             if status.state == "failed":
-                tails = self.last_lines(name, namespace)
-                raise JobFailed(f"{what} failed: {status.detail}\n{tails}".rstrip())
+                tails = self.last_lines(name, namespace)  # before the pods go with the job
+                self.delete(name, namespace)
+                raise JobFailed(f"{what} failed: {status.detail}; deleted\n{tails}".rstrip())
+            if status.state == "queued" and not kueue_took:
+                waited = time.time() - created
+                if waited >= self.workload_grace:
+                    kueue_took = self.kueue_took(current) is not False
+                    if not kueue_took:
+                        self.delete(name, namespace)
+                        raise JobFailed(
+                            f"{what}: no Kueue Workload {waited:.0f} s after creation, so nothing "
+                            f"will admit it: add {self.engine.kueue_framework} to "
+                            f"integrations.frameworks in {KUEUE_CONFIG} and restart Kueue, or run "
+                            "without queue_name; deleted"
+                        )
             if status.state == "queued":
                 if admitted is not None:  # suspended again after admission: preempted
                     self.stop_following()
@@ -397,6 +488,8 @@ class JobRunner:
                     first, _, tail = stuck.partition("\n")
                     raise JobFailed(f"{what}: {first}; deleted\n{tail}".rstrip())
                 self.follow_rank0(pods, namespace)
+            if not kueue_took:  # wake in time to look for its Workload
+                left = min(left, max(1.0, created + self.workload_grace - time.time()))
             current = self.next_version(current, min(self.poll_seconds, left))
 
 
@@ -406,23 +499,31 @@ class Cancelled(BaseException):
 
 @contextlib.contextmanager
 def deleted_on_sigterm(runner: JobRunner, name: str, namespace: str):
-    """Delete the job when the step is terminated, before the process exits (KFP gives the
-    step's pod its grace period, 30 s by default)."""
+    """Delete the job when the step is terminated. The DELETE is sent from the signal handler,
+    before anything else: KFP's launcher runs this process without forwarding signals, so it may
+    be killed any moment after the SIGTERM, not after the pod's grace period."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers live in the main thread only
         return
+    from kubernetes import client
+
+    # its own connection pool: the handler may interrupt a request holding the runner's
+    sigterm_api = client.CustomObjectsApi(client.ApiClient(runner.api.configuration))
 
     def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the delete
+        with contextlib.suppress(Exception):  # tried again below, with the wait
+            runner.request_delete(name, namespace, sigterm_api)
         raise Cancelled
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
     except Cancelled:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the delete
-        runner.stop_following(0.5)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         runner.delete_timeout = min(runner.delete_timeout, 20.0)
         runner.delete(name, namespace)
+        runner.stop_following(0.5)
         print(f"{runner.engine.kind} {namespace}/{name}: deleted (SIGTERM)", file=runner.out,
               flush=True)  # fmt: skip
         raise SystemExit(128 + signal.SIGTERM) from None
@@ -440,6 +541,7 @@ def run_job(spec: JobSpec, api_client=None) -> None:
         ENGINES[job.training_engine],
         api_client or default_client(),
         limits=Limits(pending_timeout_seconds=job.pending_timeout_minutes * 60),
+        workflow=spec.workflow,
     )
     with deleted_on_sigterm(runner, spec.name, spec.namespace):
         created = runner.submit(build_job(spec))

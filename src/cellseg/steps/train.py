@@ -136,6 +136,7 @@ def run_on_cluster(
         namespace=pod_namespace(),
         mlflow_uri=mlflow_uri or "",
         owner_pod=step_pod(),
+        workflow=os.environ.get("WORKFLOW_NAME", ""),  # the pipeline sets it (downward API)
     )
     run_job(spec)
 

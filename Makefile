@@ -11,7 +11,7 @@ PREVIEW ?= 4
 
 .PHONY: help setup data convert test lint format bench lock compile pipeline-run schedule \
 	unschedule compare serve serve-kserve mlflow-ui images push base-image deploy clean bench-gpu \
-	gpu-wheels quality crds doctor
+	gpu-wheels quality crds doctor mlflow-user
 
 CRON ?= 0 0 3 * * 1
 REGISTRY ?= registry.example.com/cellseg
@@ -138,6 +138,9 @@ crds: setup ## Download the pinned upstream CRDs the tests validate against (che
 doctor: setup ## Check the cluster against the requirements, one line each (ENGINE=trainjob, QUEUE=..., NAMESPACE=..., SERVICE=...)
 	$(BIN)/cellseg doctor $(if $(ENGINE),--training-engine $(ENGINE)) $(if $(QUEUE),--queue-name $(QUEUE)) \
 		$(if $(NAMESPACE),--namespace $(NAMESPACE)) $(if $(SERVICE),--inference-service $(SERVICE))
+
+mlflow-user: setup ## mlflow-team: create the pipeline's MLflow user from its Secret, as the admin (MLFLOW_TRACKING_URI=http://localhost:5000 after a port-forward)
+	$(BIN)/cellseg mlflow-user $(if $(NAMESPACE),--namespace $(NAMESPACE))
 
 deploy: setup ## Apply the cluster manifests (OVERLAY=generic-gpu|gke-h100|kueue|kubeflow) with kubectl
 	$(BIN)/kubectl apply -k manifests/overlays/$(OVERLAY)

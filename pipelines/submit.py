@@ -9,6 +9,7 @@ step). Runs use the ``cellseg-pipeline`` service account, the one the RBAC is wr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -70,11 +71,36 @@ def git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def upload_version(client, spec: Path, version_name: str) -> tuple[str, str]:
-    """The pipeline (created on first upload) and a new version of it; returns their ids."""
-    pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
+def pipeline_namespace(client, namespace: str) -> str | None:
+    """Where the pipeline lives: the runs' namespace on a multi-user backend, None (shared, the
+    only kind) on a standalone one. A shared pipeline on a multi-user backend is authorised
+    against KFP's own namespace (2.17's CreatePipeline), where a profile's user has no rights,
+    and refused where ``REQUIRE_NAMESPACE_FOR_PIPELINES`` is set."""
+    return namespace if client.get_kfp_healthz().multi_user else None
+
+
+def find_pipeline(client, namespace: str | None) -> str | None:
+    """The id of the pipeline named :data:`PIPELINE_NAME` in ``namespace`` (None: shared)."""
+    by_name = json.dumps(
+        {
+            "predicates": [
+                {"operation": "EQUALS", "key": "display_name", "stringValue": PIPELINE_NAME}
+            ]
+        }
+    )
+    found = client.list_pipelines(filter=by_name, namespace=namespace).pipelines or []
+    return found[0].pipeline_id if found else None
+
+
+def upload_version(client, spec: Path, version_name: str, namespace: str) -> tuple[str, str]:
+    """The pipeline (created on first upload, in :func:`pipeline_namespace`) and a new version
+    of it; returns their ids."""
+    home = pipeline_namespace(client, namespace)
+    pipeline_id = find_pipeline(client, home)
     if pipeline_id is None:
-        pipeline_id = client.upload_pipeline(str(spec), pipeline_name=PIPELINE_NAME).pipeline_id
+        pipeline_id = client.upload_pipeline(
+            str(spec), pipeline_name=PIPELINE_NAME, namespace=home
+        ).pipeline_id
     version = client.upload_pipeline_version(
         str(spec), pipeline_version_name=version_name, pipeline_id=pipeline_id
     )
@@ -107,7 +133,7 @@ def submit_run(
     client, host: str, spec: Path, version_name: str, params: dict, namespace: str
 ) -> str:
     """Upload, run in the ``cellseg`` experiment; returns the run's URL."""
-    pipeline_id, version_id = upload_version(client, spec, version_name)
+    pipeline_id, version_id = upload_version(client, spec, version_name, namespace)
     experiment = client.create_experiment(EXPERIMENT, namespace=namespace)  # gets if it exists
     run = client.run_pipeline(
         experiment_id=experiment.experiment_id,
@@ -129,7 +155,7 @@ def schedule(client, spec: Path, version_name: str, cron: str, params: dict, nam
     """Create the retraining run, then remove the ones it replaces (never duplicate, and a
     failed create leaves the old schedule running); returns the new run's id."""
     check_cron(cron)
-    pipeline_id, version_id = upload_version(client, spec, version_name)
+    pipeline_id, version_id = upload_version(client, spec, version_name, namespace)
     experiment = client.create_experiment(EXPERIMENT, namespace=namespace)
     old = recurring_runs(client, experiment.experiment_id)
     job = client.create_recurring_run(

@@ -211,6 +211,25 @@ def cmd_doctor(args: argparse.Namespace) -> None:
         ))  # fmt: skip
 
 
+def cmd_mlflow_user(args: argparse.Namespace) -> None:
+    from cellseg.cluster.client import api_client
+    from cellseg.registry import users
+
+    uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise CellsegError(
+            "no MLflow address: kubectl -n cellseg port-forward svc/mlflow 5000, then "
+            "MLFLOW_TRACKING_URI=http://localhost:5000"
+        )
+    api = api_client()
+    admin = users.secret_login(api, args.namespace, users.ADMIN_SECRET, users.ADMIN_KEYS)
+    user = users.secret_login(
+        api, args.namespace, settings.MLFLOW_AUTH_SECRET, users.PIPELINE_KEYS
+    )
+    for line in users.ensure_pipeline_user(uri, admin, user):
+        print(line)
+
+
 def add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="obtain raw BCCD into data/BCCD and verify it (data.dvc)")
     data.add_argument("--mirror", help="local directory or archive (default: $BCCD_MIRROR)")
@@ -359,6 +378,14 @@ def add_ops_commands(sub) -> None:
         help="whose rights to check (default: the pipeline's account; '' = yours)",
     )  # fmt: skip
     doctor.set_defaults(handler=cmd_doctor)
+
+    user = sub.add_parser(
+        "mlflow-user",
+        help="MLflow with basic-auth (mlflow-team): create the pipeline's user, as the admin",
+    )
+    user.add_argument("--namespace", default=settings.NAMESPACE, help="where both Secrets are")
+    user.add_argument("--mlflow-uri", default="", help="default: $MLFLOW_TRACKING_URI")
+    user.set_defaults(handler=cmd_mlflow_user)
 
     rollout = sub.add_parser(
         "rollout", help="point a KServe InferenceService at a registered version (the champion)"

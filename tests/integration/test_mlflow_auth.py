@@ -59,3 +59,40 @@ def test_moving_champion_needs_the_credential_the_pipeline_reads(auth_server, mo
             mlflow.MlflowClient(auth_server).set_registered_model_alias("cellseg", "champion", "1")
         with pytest.raises(MlflowException, match=r"401|[Uu]nauthori[sz]ed|credentials"):
             mlflow.MlflowClient(auth_server).get_registered_model("cellseg")
+
+
+def test_the_admin_makes_the_pipelines_user_who_then_registers_and_moves_champion(
+    auth_server, monkeypatch
+):
+    """MLflow's basic-auth app creates only its admin (``MLFLOW_AUTH_ADMIN_USERNAME``/
+    ``PASSWORD``, mlflow 3.17.2 mlflow/server/auth/__init__.py); the steps log in as the
+    ``cellseg-mlflow-auth`` user, who gets 401 until :func:`ensure_pipeline_user` creates it."""
+    from cellseg.registry.promotion import promotion_lock
+    from cellseg.registry.users import Login, ensure_pipeline_user, logged_in
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    admin = Login("admin", "s3cret-for-the-test")
+    user = Login("cellseg-pipeline", "pipeline-password-1")
+    with logged_in(user), pytest.raises(MlflowException, match=r"401|[Uu]nauthori[sz]ed"):
+        mlflow.MlflowClient(auth_server).search_experiments()  # nobody made this user yet
+    done = ensure_pipeline_user(auth_server, admin, user)
+    assert done[0] == "user cellseg-pipeline: created", done
+    with logged_in(user):  # what the register and promote steps do
+        client = mlflow.MlflowClient(auth_server)
+        experiment = client.get_experiment_by_name("cellseg").experiment_id
+        run = client.create_run(experiment).info.run_id
+        client.log_metric(run, "val_pq", 0.5)
+        version = client.create_model_version("cellseg", f"runs:/{run}/model", run_id=run)
+        client.set_model_version_tag("cellseg", version.version, "promotion.decision", "promote")
+        client.set_registered_model_alias("cellseg", "challenger", version.version)
+        with promotion_lock(client, "cellseg"):  # its own model: created, then deleted
+            client.set_registered_model_alias("cellseg", "champion", version.version)
+        assert client.get_model_version_by_alias("cellseg", "champion").version == "1"
+        with pytest.raises(MlflowException, match=r"403|PERMISSION_DENIED|[Pp]ermission"):
+            client.delete_registered_model("cellseg")  # EDIT, not MANAGE
+    again = ensure_pipeline_user(auth_server, admin, Login(user.username, "a-new-password-2"))
+    assert again[0].startswith("user cellseg-pipeline: exists"), again
+    with logged_in(user), pytest.raises(MlflowException, match=r"401|[Uu]nauthori[sz]ed"):
+        mlflow.MlflowClient(auth_server).search_experiments()  # the old password is gone
+    assert "s3cret" not in repr(admin) and "password-1" not in repr(user)

@@ -318,3 +318,25 @@ def test_the_team_mlflow_uses_postgres_s3_and_basic_auth_with_secrets_from_the_t
     assert cluster.MLFLOW_AUTH_SECRET in templates  # what the pipeline's steps read
     ini = by_kind[("ConfigMap", next(n for k, n in by_kind if n.startswith("mlflow-auth-config")))]
     assert "database_uri = postgresql+psycopg2://" in ini["data"]["basic_auth.ini"]
+
+
+@pytest.mark.parametrize("overlay", ["kubeflow", "mlflow-team"])
+def test_an_mlflow_with_basic_auth_runs_the_image_that_has_the_auth_extra(overlay):
+    """``--app-name basic-auth`` imports Flask-WTF (mlflow 3.17.2 mlflow/server/auth/__init__.py,
+    ``from flask_wtf.csrf import CSRFProtect``; the ``auth`` extra). mlflow/mlflow's
+    docker/Dockerfile builds ``ghcr.io/mlflow/mlflow:vX`` with a bare ``pip install mlflow``;
+    docker/Dockerfile.full builds ``vX-full`` with ``mlflow[extras,...,auth]`` (read through the
+    search index; the repository is too large to fetch here). The plain image crash-loops."""
+    import importlib.metadata
+
+    pinned = importlib.metadata.version("mlflow")
+    servers = [
+        c
+        for o in render(overlay)
+        if o["kind"] == "Deployment"
+        for c in o["spec"]["template"]["spec"]["containers"]
+        if "--app-name=basic-auth" in c.get("args", [])
+    ]
+    assert servers, overlay
+    for container in servers:
+        assert container["image"] == f"ghcr.io/mlflow/mlflow:v{pinned}-full", container["image"]

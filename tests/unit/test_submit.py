@@ -16,11 +16,13 @@ from pipelines import submit
 from pipelines.compile import compile_pipeline
 
 
-def kfp_client(pipeline_id=None, recurring=()):
+def kfp_client(pipeline_id=None, recurring=(), multi_user=False):
     """A ``kfp.Client`` stand-in with its real signatures (a changed or misspelt argument fails
     the call), answering as the API would; there is no KFP API server here."""
     client = create_autospec(kfp.Client, instance=True)
-    client.get_pipeline_id.return_value = pipeline_id
+    client.get_kfp_healthz.return_value = SimpleNamespace(multi_user=multi_user)
+    found = [SimpleNamespace(pipeline_id=pipeline_id)] if pipeline_id else None
+    client.list_pipelines.return_value = SimpleNamespace(pipelines=found)
     client.upload_pipeline.return_value = SimpleNamespace(pipeline_id="p-1")
     client.upload_pipeline_version.return_value = SimpleNamespace(pipeline_version_id="v-1")
     client.create_experiment.return_value = SimpleNamespace(experiment_id="e-1")
@@ -70,7 +72,9 @@ def test_run_uploads_a_version_and_starts_a_run_in_the_experiment(spec):
     params = {"data_md5": "abc.dir", "profile": "uni-gpu"}
     url = submit.submit_run(client, "https://kfp.example/pipeline/", spec, "sha-1", params, "team")
     assert url == "https://kfp.example/pipeline/#/runs/details/r-1"
-    client.upload_pipeline.assert_called_once_with(str(spec), pipeline_name="cellseg")
+    client.upload_pipeline.assert_called_once_with(
+        str(spec), pipeline_name="cellseg", namespace=None
+    )  # standalone: pipelines are shared, the only kind
     client.upload_pipeline_version.assert_called_once_with(
         str(spec), pipeline_version_name="sha-1", pipeline_id="p-1"
     )
@@ -173,3 +177,27 @@ def test_a_schedule_can_follow_a_data_repositorys_branch():
     assert submit.data_params("", "") == {}
     with pytest.raises(submit.ScheduleError, match="--data-rev needs --data-repo"):
         submit.data_params("", "main")
+
+
+def test_a_multi_user_backend_gets_the_pipeline_in_the_users_namespace(spec):
+    """On a multi-user KFP 2.17.0 a shared pipeline (no namespace) is authorised against KFP's
+    own namespace by the v2beta1 CreatePipeline (backend/src/apiserver/server/pipeline_server.go
+    ``canAccessPipeline``: ``resourceAttributes.Namespace = common.GetPodNamespace()``), where a
+    profile's user has no rights; the SDK's multipart upload skips the check for "" today
+    (pipeline_upload_server.go ``canUploadVersionedPipeline``), and a backend with
+    ``REQUIRE_NAMESPACE_FOR_PIPELINES`` refuses it outright (validation/namespace.go). In the
+    runs' namespace it is the user's on every version; it is looked up there too."""
+    client = kfp_client(pipeline_id=None, multi_user=True)
+    submit.submit_run(client, "https://kfp.example/pipeline", spec, "sha-1", {}, "team")
+    client.list_pipelines.assert_called_once()
+    assert client.list_pipelines.call_args.kwargs["namespace"] == "team"
+    assert '"stringValue": "cellseg"' in client.list_pipelines.call_args.kwargs["filter"]
+    client.upload_pipeline.assert_called_once_with(
+        str(spec), pipeline_name="cellseg", namespace="team"
+    )
+    existing = kfp_client(pipeline_id="p-9", multi_user=True)
+    submit.schedule(existing, spec, "sha-2", "@weekly", {}, "team")
+    existing.upload_pipeline.assert_not_called()
+    existing.upload_pipeline_version.assert_called_once_with(
+        str(spec), pipeline_version_name="sha-2", pipeline_id="p-9"
+    )

@@ -92,6 +92,9 @@ def cellseg_pipeline(
     force_promote: bool = False,
     inference_service: str = "",  # a KServe InferenceService rolled to each new champion
     canary_traffic_percent: int = 0,  # 1..99: that share to the new champion first; 0: all
+    # where KServe reads MLflow's proxied artifacts: the server's --artifacts-destination as a
+    # storageUri (mlflow-team: s3://<bucket>/mlflow); "": manifests/base's pvc://mlflow-store
+    serving_artifacts_root: str = "",
 ):
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
     finish = on_cpu(finish_run(pipeline_run_id=run_id, mlflow_uri=mlflow_uri))
@@ -211,6 +214,7 @@ def cellseg_pipeline(
                     mlflow_uri=mlflow_uri,
                     inference_service=inference_service,
                     canary_traffic_percent=canary_traffic_percent,
+                    serving_artifacts_root=serving_artifacts_root,
                 )
             )
             promoted.set_caching_options(False)

@@ -10,6 +10,7 @@ def promote(
     mlflow_uri: str,
     inference_service: str = "",
     canary_traffic_percent: int = 0,
+    serving_artifacts_root: str = "",
 ) -> str:
     """Move ``champion`` to the registered version if it still points to the version the gate
     compared against and, with ``inference_service``, roll that KServe InferenceService to it;
@@ -24,4 +25,5 @@ def promote(
         force=meta.get("forced", False),
         inference_service=inference_service,
         canary_traffic_percent=canary_traffic_percent,
+        serving_artifacts_root=serving_artifacts_root,
     )

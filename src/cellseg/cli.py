@@ -116,7 +116,7 @@ def cmd_rollout(args: argparse.Namespace) -> None:
     from cellseg.serving.rollout import roll_inference_service, rollout_patch
 
     configure()
-    uri = storage_uri_of(args.model_name, args.version)
+    uri = storage_uri_of(args.model_name, args.version, args.artifacts_root)
     if args.dry_run:
         print(json.dumps(rollout_patch(uri, args.canary)))
         return
@@ -223,9 +223,7 @@ def cmd_mlflow_user(args: argparse.Namespace) -> None:
         )
     api = api_client()
     admin = users.secret_login(api, args.namespace, users.ADMIN_SECRET, users.ADMIN_KEYS)
-    user = users.secret_login(
-        api, args.namespace, settings.MLFLOW_AUTH_SECRET, users.PIPELINE_KEYS
-    )
+    user = users.secret_login(api, args.namespace, settings.MLFLOW_AUTH_SECRET, users.PIPELINE_KEYS)
     for line in users.ensure_pipeline_user(uri, admin, user):
         print(line)
 
@@ -401,6 +399,10 @@ def add_ops_commands(sub) -> None:
     rollout.add_argument(
         "--canary", type=int, default=0, metavar="PERCENT", help="1..99: a canary share; 0: all"
     )
+    rollout.add_argument(
+        "--artifacts-root", default="",
+        help="where KServe reads MLflow's proxied artifacts (e.g. s3://bucket/mlflow)",
+    )  # fmt: skip
     rollout.add_argument("--dry-run", action="store_true", help="print the patch, apply nothing")
     rollout.set_defaults(handler=cmd_rollout)
 

@@ -63,7 +63,7 @@ def test_a_bare_namespace_fails_and_each_missing_piece_is_named(installed, mlflo
                             inference_service="cellseg")  # fmt: skip
     rollout = failed(run_checks(installed.client("admin"), rolling))
     assert rollout["RBAC: what the promote step does, as cellseg-pipeline in doctor-bare"] == (
-        "denied: patch inferenceservices.serving.kserve.io"
+        "denied: get inferenceservices.serving.kserve.io, patch inferenceservices.serving.kserve.io"
     )
     passed = {r.requirement for r in results if r.ok}
     assert "TrainJob CRD trainjobs.trainer.kubeflow.org v1alpha1" in passed  # with runtimePatches

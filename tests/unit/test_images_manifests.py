@@ -143,6 +143,7 @@ def test_rbac_allows_training_jobs_and_pod_logs_in_the_namespace_only(objects):
         ("", "pods/log"): {"get"},
         ("", "events"): {"get", "list", "watch"},
         ("kueue.x-k8s.io", "workloads"): {"get", "list"},
+        ("argoproj.io", "workflows"): {"get"},  # is the step's run being terminated?
     }
     assert role["metadata"]["namespace"] == "cellseg"
 

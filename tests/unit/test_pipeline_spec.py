@@ -197,7 +197,10 @@ def test_training_steps_retry_and_pass_their_pod_and_sizes(committed):
         )
         executor = tasks[step]["componentRef"]["name"].replace("comp-", "exec-")
         env = {e["name"]: e["fieldPath"] for e in k8s[executor]["fieldPathAsEnv"]}
-        assert env == {"POD_NAME": "metadata.name", "POD_UID": "metadata.uid"}
+        assert env["POD_NAME"] == "metadata.name" and env["POD_UID"] == "metadata.uid"
+        # the label Argo puts on every step pod (argoproj/argo-workflows v4.0.5
+        # workflow/controller/workflowpod.go, common.LabelKeyWorkflow): the run's Workflow
+        assert env["WORKFLOW_NAME"] == "metadata.labels['workflows.argoproj.io/workflow']"
 
 
 def test_the_steps_that_call_mlflow_read_its_optional_login(committed):

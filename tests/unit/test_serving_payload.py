@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 
 from cellseg.errors import CellsegError, InputError
 from cellseg.serving import payload
-from cellseg.serving.rollout import rollout_patch, storage_uri
+from cellseg.serving.rollout import MODE_ANNOTATION, deployment_mode, rollout_patch, storage_uri
 
 
 def png(image: np.ndarray) -> bytes:
@@ -93,3 +94,29 @@ def test_rollout_patch_sets_a_canary_share_or_clears_it():
         assert rollout_patch("s3://b/m", full)["spec"]["predictor"]["canaryTrafficPercent"] is None
     with pytest.raises(CellsegError):
         rollout_patch("s3://b/m", 120)
+
+
+def test_the_proxied_artifacts_root_is_configurable_and_must_be_one_kserve_reads():
+    """The mlflow-team overlay keeps proxied artifacts in a bucket: there is no mlflow-store
+    volume, and a pvc:// storageUri would leave the predictor waiting forever."""
+    proxied = "mlflow-artifacts:/1/models/m-abc/artifacts"
+    assert storage_uri(proxied, "s3://team-bucket/mlflow/") == (
+        "s3://team-bucket/mlflow/1/models/m-abc/artifacts"
+    )
+    assert storage_uri(proxied, "").startswith("pvc://mlflow-store/artifacts/")  # the default
+    with pytest.raises(CellsegError, match="KServe reads"):
+        storage_uri(proxied, "/mlflow/artifacts")
+
+
+def test_the_deployment_mode_is_read_in_kserves_order():
+    """KServe v0.20.0 ``GetDeploymentMode``: the status, the annotation, then the ``deploy``
+    default of ``inferenceservice-config``; Serverless and RawDeployment are the old names of
+    Knative and Standard (pkg/constants/constants.go)."""
+    config = {"data": {"deploy": json.dumps({"defaultDeploymentMode": "RawDeployment"})}}
+    bare = {"metadata": {}}
+    assert deployment_mode(bare, config)[0] == "Standard"
+    annotated = {"metadata": {"annotations": {MODE_ANNOTATION: "Serverless"}}}
+    assert deployment_mode(annotated, config)[0] == "Knative"
+    reconciled = {**annotated, "status": {"deploymentMode": "Standard"}}
+    assert deployment_mode(reconciled, config) == ("Standard", "its status")
+    assert deployment_mode(bare, None)[0] == ""

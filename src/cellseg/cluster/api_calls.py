@@ -52,5 +52,10 @@ STEP_CALLS = (
     ApiCall("get", "configmaps"),
 )
 
-# The promote step rolling a KServe InferenceService to the new champion.
-ROLLOUT_CALLS = (ApiCall("patch", rollout.PLURAL, rollout.GROUP, rollout.VERSION),)
+# The promote step rolling a KServe InferenceService to the new champion: read its deployment
+# mode, then patch. (KServe's inferenceservice-config, in KServe's namespace, is read too when
+# the service has neither status nor annotation; without the right the mode stays unknown.)
+ROLLOUT_CALLS = (
+    ApiCall("get", rollout.PLURAL, rollout.GROUP, rollout.VERSION),
+    ApiCall("patch", rollout.PLURAL, rollout.GROUP, rollout.VERSION),
+)

@@ -84,8 +84,10 @@ def score_champion(data: Path, out: Path, name: str, device: str = "auto") -> Ch
     return ChampionScore(version, metrics)
 
 
-def storage_uri_of(name: str, alias_or_version: str = CHAMPION) -> str:
-    """The KServe ``storageUri`` of a registered version (by alias, or by number)."""
+def storage_uri_of(name: str, alias_or_version: str = CHAMPION, proxied_root: str = "") -> str:
+    """The KServe ``storageUri`` of a registered version (by alias, or by number);
+    ``proxied_root``: where KServe reads the MLflow server's proxied artifacts ("": the
+    default, manifests/base's volume)."""
     import mlflow
 
     from cellseg.serving.rollout import storage_uri
@@ -96,5 +98,7 @@ def storage_uri_of(name: str, alias_or_version: str = CHAMPION) -> str:
     else:
         mv = client.get_model_version_by_alias(name, alias_or_version)
     if getattr(mv, "model_id", None):  # MLflow 3: the version is a logged model
-        return storage_uri(client.get_logged_model(mv.model_id).artifact_location)
-    return storage_uri(client.get_model_version_download_uri(name, mv.version))
+        location = client.get_logged_model(mv.model_id).artifact_location
+    else:
+        location = client.get_model_version_download_uri(name, mv.version)
+    return storage_uri(location, proxied_root)

@@ -67,6 +67,7 @@ def test_the_admin_makes_the_pipelines_user_who_then_registers_and_moves_champio
     """MLflow's basic-auth app creates only its admin (``MLFLOW_AUTH_ADMIN_USERNAME``/
     ``PASSWORD``, mlflow 3.17.2 mlflow/server/auth/__init__.py); the steps log in as the
     ``cellseg-mlflow-auth`` user, who gets 401 until :func:`ensure_pipeline_user` creates it."""
+    from cellseg.cluster.doctor import mlflow_login_result
     from cellseg.registry.promotion import promotion_lock
     from cellseg.registry.users import Login, ensure_pipeline_user, logged_in
 
@@ -76,7 +77,12 @@ def test_the_admin_makes_the_pipelines_user_who_then_registers_and_moves_champio
     user = Login("cellseg-pipeline", "pipeline-password-1")
     with logged_in(user), pytest.raises(MlflowException, match=r"401|[Uu]nauthori[sz]ed"):
         mlflow.MlflowClient(auth_server).search_experiments()  # nobody made this user yet
+    before = mlflow_login_result(auth_server, user)  # what `make doctor` reports
+    assert not before.ok and before.detail.startswith("HTTP 401") and "mlflow-user" in before.fix
+    anonymous = mlflow_login_result(auth_server, None)
+    assert not anonymous.ok and "MLflow asks for a login" in anonymous.detail
     done = ensure_pipeline_user(auth_server, admin, user)
+    assert mlflow_login_result(auth_server, user).ok
     assert done[0] == "user cellseg-pipeline: created", done
     with logged_in(user):  # what the register and promote steps do
         client = mlflow.MlflowClient(auth_server)

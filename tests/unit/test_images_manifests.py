@@ -341,3 +341,15 @@ def test_an_mlflow_with_basic_auth_runs_the_image_that_has_the_auth_extra(overla
     assert servers, overlay
     for container in servers:
         assert container["image"] == f"ghcr.io/mlflow/mlflow:v{pinned}-full", container["image"]
+
+
+def test_the_docs_say_which_kfp_backends_harden_their_step_pods():
+    """kubeflow/pipelines backend/src/v2/compiler/argocompiler/security_context.go appears in
+    2.16.0: from then on step pods get seccomp RuntimeDefault, drop ALL capabilities and no
+    privilege escalation; runAsNonRoot on the main container only where the admin sets
+    DEFAULT_SECURITY_CONTEXT_RUN_AS_NON_ROOT. The docs once said every KFP step pod ran without
+    a seccomp profile."""
+    text = " ".join((REPO / "docs" / "cluster.md").read_text().split())
+    assert "without a seccomp profile" not in text
+    assert "only backends from 2.16.0 give them `seccompProfile: RuntimeDefault`" in text
+    assert "DEFAULT_SECURITY_CONTEXT_RUN_AS_NON_ROOT" in text

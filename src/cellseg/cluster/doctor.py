@@ -2,11 +2,15 @@
 requirement, passed or failed with the fix.
 
 It reads through the kubernetes client (your kubeconfig, or the pod's account in a cluster):
-the training engine's CRD and served version, the ``cellseg-torch`` TrainingRuntime, the shared
-volumes, the HF token Secret, the launcher's rights (``SelfSubjectAccessReview``, as the
-pipeline's account by impersonation), the LocalQueue and its ClusterQueue when a queue is set,
-MLflow's ``/health``, and the KFP API's version when ``KFP_HOST`` is set. A failed requirement
-is a blocker; a WARN line is one the doctor could not settle (e.g. not allowed to read it).
+the KFP API's version when ``KFP_HOST`` is set (and, below 2.15, the steps' optional Secrets,
+which those backends require), the training engine's CRD and served version, the
+``cellseg-torch`` TrainingRuntime, the shared volumes, the HF token Secret, the launcher's rights
+(``SelfSubjectAccessReview``, as the pipeline's account by impersonation), with a queue the
+LocalQueue, its ClusterQueue, whether Kueue manages the engine's kind (its
+``integrations.frameworks``) and, for TrainJobs, whether each ResourceFlavor keeps the GPU
+toleration, with an InferenceService its KServe deployment mode, MLflow's ``/health``, and an
+authenticated MLflow call with the steps' login. A failed requirement is a blocker; a WARN line
+is one the doctor could not settle (e.g. not allowed to read it).
 """
 
 from __future__ import annotations
@@ -31,9 +35,18 @@ from cellseg.cluster.api_calls import (
 )
 from cellseg.cluster.jobs import ENGINES
 from cellseg.cluster.jobs import TRAINING_RUNTIME as RUNTIME
+from cellseg.errors import CellsegError
 from cellseg.settings import PYTORCHJOB, TRAINJOB
 
 KFP_MINIMUM = (2, 5, 0)  # nodeSelectorJson, tolerationJson, pvcNameParameter in the spec
+# Below this, the driver builds a step's Secret env without `optional` (kubeflow/pipelines
+# 2.15.0 backend/src/v2/driver/k8s.go): the steps' optional Secrets must exist, keys and all.
+KFP_OPTIONAL_SECRETS = (2, 15, 0)
+STEP_SECRETS = {  # what the pipeline reads with use_secret_as_env(optional=True)
+    settings.MLFLOW_AUTH_SECRET: ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
+    settings.DVC_REMOTE_SECRET: settings.DVC_REMOTE_KEYS,
+}
+KUEUE_CONFIG = ("kueue-system", "kueue-manager-config", "controller_manager_config.yaml")
 REQUIRED_FIELD = {TRAINJOB: "runtimePatches"}  # Trainer v2.3: node selector, tolerations
 MINIMUM = {TRAINJOB: "Kubeflow Trainer v2.3", PYTORCHJOB: "Training Operator 1.9"}
 DEPLOY = "kubectl apply -k manifests/overlays/<overlay>"
@@ -350,25 +363,90 @@ def check_mlflow(api, s: DoctorOptions, get: Callable = _get) -> Result:
         )
 
 
+MLFLOW_AUTHENTICATED_CALL = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
+def mlflow_login_result(uri: str, login, get: Callable = _get) -> Result:
+    """An authenticated MLflow call with the steps' login (``login``: a
+    :class:`cellseg.registry.users.Login` from their Secret, or None without one)."""
+    import base64
+
+    who = f"as {login.username}" if login else "without a login (no Secret)"
+    requirement = f"MLflow login {who}"
+    headers = {}
+    if login:
+        token = base64.b64encode(f"{login.username}:{login.password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    try:
+        status, _ = get(uri.rstrip("/") + MLFLOW_AUTHENTICATED_CALL, headers)
+    except urllib.error.HTTPError as err:
+        status = err.code
+    except (urllib.error.URLError, OSError) as err:
+        return Result(requirement, False, f"not checked: {getattr(err, 'reason', err)}",
+                      fix="kubectl -n <namespace> port-forward svc/mlflow 5000 and rerun with "
+                      "--mlflow-uri http://localhost:5000", blocker=False)  # fmt: skip
+    if status == 200:
+        return Result(requirement, True, "an authenticated call answered 200")
+    if status in (401, 403) and login:
+        fix = "make mlflow-user (mlflow-team: the admin creates it), or fix the Secret"
+        return Result(requirement, False, f"HTTP {status}: every step would fail", fix=fix)
+    if status in (401, 403):
+        fix = (f"create the {settings.MLFLOW_AUTH_SECRET} Secret "
+               "(manifests/secrets/mlflow-auth.template.yaml), then make mlflow-user")  # fmt: skip
+        return Result(requirement, False, f"HTTP {status}: MLflow asks for a login", fix=fix)
+    return Result(requirement, False, f"HTTP {status}", fix="its logs")
+
+
+def check_mlflow_login(api, s: DoctorOptions, get: Callable = _get) -> Result:
+    from cellseg.registry.users import PIPELINE_KEYS, secret_login
+
+    try:
+        login = secret_login(api, s.namespace, settings.MLFLOW_AUTH_SECRET, PIPELINE_KEYS)
+    except CellsegError as err:
+        if "404" not in str(err):
+            return Result(f"MLflow login (Secret {settings.MLFLOW_AUTH_SECRET})", False,
+                          str(err), fix="manifests/secrets/mlflow-auth.template.yaml",
+                          blocker="403" not in str(err))  # fmt: skip
+        login = None
+    return mlflow_login_result(s.mlflow_uri, login, get)
+
+
 def parse_version(tag: str) -> tuple[int, ...] | None:
     match = re.match(r"v?(\d+)\.(\d+)\.(\d+)", tag or "")
     return tuple(int(x) for x in match.groups()) if match else None
 
 
-def check_kfp(s: DoctorOptions, get: Callable = _get) -> Result | None:
+@dataclass(frozen=True)
+class KfpBackend:
+    tag: str
+    version: tuple[int, ...] | None
+    multi_user: bool
+
+
+def read_kfp(s: DoctorOptions, get: Callable = _get) -> KfpBackend | Result | None:
+    """The KFP backend's version and mode from its healthz; a Result when unreachable; None
+    without ``KFP_HOST``."""
     if not s.kfp_host:
         return None
-    minimum = ".".join(map(str, KFP_MINIMUM))
-    requirement = f"KFP API {s.kfp_host} >= {minimum}"
     headers = {"Authorization": f"Bearer {s.kfp_token}"} if s.kfp_token else {}
     try:
         status, body = get(s.kfp_host.rstrip("/") + "/apis/v2beta1/healthz", headers)
         health = json.loads(body) if status == 200 else {}
     except (OSError, ValueError) as err:
+        requirement = f"KFP API {s.kfp_host} >= {'.'.join(map(str, KFP_MINIMUM))}"
         return Result(requirement, False, f"unreachable ({err})", fix="check KFP_HOST, KFP_TOKEN")
     tag = health.get("tag_name", "")
-    mode = "multi-user" if health.get("multi_user") else "standalone"
-    version = parse_version(tag)
+    return KfpBackend(tag, parse_version(tag), bool(health.get("multi_user")))
+
+
+def check_kfp(s: DoctorOptions, get: Callable = _get, backend=None) -> Result | None:
+    backend = backend if backend is not None else read_kfp(s, get)
+    if backend is None or isinstance(backend, Result):
+        return backend
+    minimum = ".".join(map(str, KFP_MINIMUM))
+    requirement = f"KFP API {s.kfp_host} >= {minimum}"
+    tag, version = backend.tag, backend.version
+    mode = "multi-user" if backend.multi_user else "standalone"
     if version is None:
         return Result(
             requirement,
@@ -387,19 +465,186 @@ def check_kfp(s: DoctorOptions, get: Callable = _get) -> Result | None:
     return Result(requirement, True, f"{tag} ({mode})")
 
 
+def check_step_secrets(api, s: DoctorOptions, backend) -> list[Result]:
+    """On a KFP backend older than 2.15 the steps' optional Secrets are required: each must
+    exist with its keys (empty values: no login), or every step that reads one waits in
+    CreateContainerConfigError, a Pending pod Argo never fails."""
+    from kubernetes import client
+
+    if not isinstance(backend, KfpBackend) or not backend.version:
+        return []
+    if backend.version >= KFP_OPTIONAL_SECRETS:
+        return []
+    floor = ".".join(map(str, KFP_OPTIONAL_SECRETS))
+    read = client.CoreV1Api(api).read_namespaced_secret
+    results = []
+    for secret, keys in STEP_SECRETS.items():
+        requirement = f"Secret {s.namespace}/{secret} (KFP {backend.tag} < {floor} requires it)"
+        literals = " ".join(f"--from-literal={k}=" for k in keys)
+        fix = (
+            f"kubectl -n {s.namespace} create secret generic {secret} {literals} (empty: no "
+            f"login; real values where needed), or upgrade KFP to {floor}+"
+        )
+        found, failed = _read(
+            lambda name=secret: read(name, s.namespace), requirement, "Secrets",
+            Result(requirement, False, "missing: every step that reads it never starts", fix=fix),
+        )  # fmt: skip
+        if failed:
+            results.append(failed)
+            continue
+        missing = [k for k in keys if k not in (found.data or {})]
+        if missing:
+            results.append(Result(requirement, False, f"has no {', '.join(missing)}", fix=fix))
+        else:
+            results.append(Result(requirement, True, "present with its keys"))
+    return results
+
+
+def check_kueue_integration(api, s: DoctorOptions) -> Result | None:
+    """Kueue makes Workloads only for the frameworks its configuration enables; a queued job of
+    another kind is never admitted."""
+    from kubernetes import client
+
+    if not s.queue_name:
+        return None
+    engine = ENGINES[s.engine]
+    namespace, name, key = KUEUE_CONFIG
+    requirement = f"Kueue manages {engine.kueue_framework} (ConfigMap {namespace}/{name})"
+    read = client.CoreV1Api(api).read_namespaced_config_map
+    config, failed = _read(
+        lambda: read(name, namespace), requirement, "ConfigMaps",
+        Result(requirement, False, "not found: cannot tell (Kueue installed under another name?)",
+               fix="check integrations.frameworks of Kueue's configuration by hand",
+               blocker=False),
+    )  # fmt: skip
+    if failed:
+        return failed
+    import yaml
+
+    parsed = yaml.safe_load((config.data or {}).get(key) or "") or {}
+    frameworks = (parsed.get("integrations") or {}).get("frameworks") or []
+    if engine.kueue_framework in frameworks:
+        return Result(requirement, True, "enabled in integrations.frameworks")
+    return Result(
+        requirement, False, f"not in integrations.frameworks ({', '.join(frameworks) or 'none'})",
+        fix=f"add {engine.kueue_framework} to integrations.frameworks in {key} and restart "
+        "kueue-controller-manager",
+    )  # fmt: skip
+
+
+def tolerated(toleration: dict, by: list[dict]) -> bool:
+    """Whether a list of tolerations covers ``toleration``'s taint key and effect."""
+    for t in by:
+        every_key = t.get("operator") == "Exists" and not t.get("key")
+        same_key = every_key or t.get("key") == toleration.get("key")
+        same_effect = not t.get("effect") or t.get("effect") == toleration.get("effect")
+        if same_key and same_effect:
+            return True
+    return False
+
+
+def check_flavor_tolerations(api, s: DoctorOptions) -> list[Result]:
+    """A TrainJob's pods get the tolerations of Kueue's runtime patch, applied after the
+    launcher's: a strategic merge replaces the whole list (``tolerations`` has no merge key), so
+    a ResourceFlavor with tolerations of its own drops the GPU toleration."""
+    from kubernetes import client
+
+    if not s.queue_name or s.engine != TRAINJOB:
+        return []
+    custom = client.CustomObjectsApi(api)
+    try:
+        queue = custom.get_namespaced_custom_object(
+            KUEUE_GROUP, KUEUE_VERSION, s.namespace, "localqueues", s.queue_name
+        )
+        cq = custom.get_cluster_custom_object(
+            KUEUE_GROUP, KUEUE_VERSION, "clusterqueues", queue["spec"]["clusterQueue"]
+        )
+    except Exception as err:
+        if _status(err) in (403, 404):
+            return []  # check_queue says what is missing or unreadable
+        raise
+    flavors = sorted({
+        f["name"] for group in cq["spec"].get("resourceGroups") or []
+        for f in group.get("flavors") or []
+    })  # fmt: skip
+    results = []
+    for flavor in flavors:
+        requirement = f"ResourceFlavor {flavor} keeps the GPU toleration (trainjob)"
+        found, failed = _read(
+            lambda f=flavor: custom.get_cluster_custom_object(
+                KUEUE_GROUP, KUEUE_VERSION, "resourceflavors", f
+            ),
+            requirement, "ResourceFlavors",
+            Result(requirement, False, "missing: nothing is admitted on it",
+                   fix="ask the platform team"),
+        )  # fmt: skip
+        if failed:
+            results.append(failed)
+            continue
+        own = (found.get("spec") or {}).get("tolerations") or []
+        lost = [t for t in settings.TRAINING_JOB.tolerations if not tolerated(t, own)]
+        if own and lost:
+            missing = ", ".join(f"{t['key']}:{t['effect']}" for t in lost)
+            results.append(Result(
+                requirement, False,
+                f"its tolerations replace the job's, and lack {missing}: pods go Unschedulable",
+                fix=f"add {json.dumps(lost[0])} to its spec.tolerations, or use "
+                f"training_engine={PYTORCHJOB}",
+            ))  # fmt: skip
+        else:
+            why = "tolerates the GPU taint" if own else "adds no tolerations"
+            results.append(Result(requirement, True, why))
+    return results
+
+
+def check_serving_mode(api, s: DoctorOptions) -> Result | None:
+    """The InferenceService's KServe deployment mode, which decides whether a canary can be
+    honoured (the promote step refuses one in the Standard mode)."""
+    from cellseg.serving import rollout
+
+    if not s.inference_service:
+        return None
+    requirement = f"InferenceService {s.namespace}/{s.inference_service} deployment mode"
+    try:
+        service, config = rollout.read_service(s.inference_service, s.namespace, api)
+    except rollout.RolloutRefused as err:
+        return Result(requirement, False, str(err), fix=f"{DEPLOY} (the serving overlay)")
+    except Exception as err:
+        if _status(err) == 403:
+            return _forbidden(requirement, "InferenceServices", err)
+        raise
+    mode, source = rollout.deployment_mode(service, config)
+    if not mode:
+        return Result(requirement, False, f"unknown ({source}): a canary would be refused",
+                      fix=f"annotate it {rollout.MODE_ANNOTATION}=Knative or Standard",
+                      blocker=False)  # fmt: skip
+    canary = (
+        "canary_traffic_percent works"
+        if mode in rollout.CANARY_MODES
+        else ("canary_traffic_percent is refused (all traffic only)")
+    )
+    return Result(requirement, True, f"{mode}, from {source}: {canary}")
+
+
 def run_checks(api, s: DoctorOptions, get: Callable = _get) -> list[Result]:
     """Every requirement for ``s``, in the order a run meets them."""
     if s.engine not in ENGINES:
         raise ValueError(f"training engine {s.engine!r}: expected one of {', '.join(ENGINES)}")
+    backend = read_kfp(s, get)
     results = [
-        check_kfp(s, get),
+        check_kfp(s, get, backend),
+        *check_step_secrets(api, s, backend),
         check_engine_crd(api, s),
         check_training_runtime(api, s),
         *check_volumes(api, s),
         check_hf_secret(api, s),
         *check_rbac(api, s),
         *check_queue(api, s),
+        check_kueue_integration(api, s),
+        *check_flavor_tolerations(api, s),
+        check_serving_mode(api, s),
         check_mlflow(api, s, get),
+        check_mlflow_login(api, s, get),
     ]
     return [r for r in results if r is not None]
 

@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     except CellsegError as err:  # the user's to fix: one line each, no traceback
         for line in str(err).splitlines() or [type(err).__name__]:
             print(f"cellseg {args.command}: error: {line}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)  # 143: stopped by SIGTERM, resumable
     return 0
 
 

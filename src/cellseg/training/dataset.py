@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -80,16 +81,17 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __init__(self, sampler: DistributedSampler | ShardSampler):
         self.sampler = sampler
+        self.skip = 0  # indices of this epoch already trained on (a resume mid-epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
     def __iter__(self):
         epoch = self.sampler.epoch
-        return ((epoch, index) for index in self.sampler)
+        return ((epoch, index) for index in itertools.islice(self.sampler, self.skip, None))
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return max(len(self.sampler) - self.skip, 0)
 
 
 class CellDataset(torch.utils.data.Dataset):

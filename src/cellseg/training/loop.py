@@ -13,6 +13,11 @@ training replaces it only by beating it. So the better phase ships.
 
 Each rank seeds its RNGs with ``seed + rank`` (dropout differs across ranks; augmentation is
 seeded per sample, so it does not depend on the rank).
+
+SIGTERM (a Kueue preemption, a node drain, a terminated run: the pod's grace period follows)
+stops training at the end of the accumulation group in hand, writes ``latest`` with the
+epoch's place (batches done, the running loss sums, every rank's RNG) and exits with 143; the
+restarted job resumes at the next batch, and ends as the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import dataclasses
 import functools
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +106,39 @@ class TrainState:
     epoch: int = 0  # epochs completed
     stopped_early: bool = False
     history: list[dict] = field(default_factory=list)
+    batches_done: int = 0  # of the epoch in hand, when it was stopped in the middle
+    epoch_sums: list[float] | None = None  # its running loss sums then
+    epoch_rng: dict | None = None  # this rank's RNG then, set once the epoch's loader starts
+
+
+class StopRequest:
+    """SIGTERM's mark: training stops at the next point it can save and resume exactly."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        self.requested = True
+
+
+class Interrupted(TrainingError):
+    """Training stopped on SIGTERM with ``latest`` saved: a restart resumes it."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """A :class:`StopRequest` that SIGTERM sets while the block runs (main thread only)."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -121,6 +161,7 @@ class Run:
     val_loader: DataLoader
     saver: CheckpointSaver | None = None  # rank 0's
     tracker: object | None = None
+    stop: StopRequest | None = None
 
     @property
     def best_path(self) -> Path:
@@ -303,7 +344,24 @@ def batch_step(
     sums[-1] += n
 
 
-def run_epoch(run: Run, loader: DataLoader, training: bool, desc: str) -> dict[str, float]:
+def stop_due(run: Run, group: int) -> bool:
+    """Whether every rank stops after accumulation group ``group``: one process reads its own
+    mark after each group; ranks agree by an all-reduce every ``PROGRESS_EVERY`` batches (a
+    host sync each, as the progress bar's read)."""
+    if run.stop is None:
+        return False
+    world = run.world
+    if not world.distributed:
+        return run.stop.requested
+    if group % max(1, PROGRESS_EVERY // run.config.grad_accum):
+        return False
+    flag = torch.tensor([float(run.stop.requested)], device=world.device)
+    return bool(all_reduce_sum(flag, world).item())
+
+
+def run_epoch(
+    run: Run, loader: DataLoader, training: bool, desc: str, n_batches: int | None = None
+) -> dict[str, float]:
     """One pass over ``loader``; trains when ``training``. Returns sample-weighted mean losses.
 
     With ``grad_accum`` > 1, gradients of that many batches add up before one optimizer step;
@@ -314,20 +372,37 @@ def run_epoch(run: Run, loader: DataLoader, training: bool, desc: str) -> dict[s
 
     The running sums stay on the device: the host reads them for the progress bar every
     ``PROGRESS_EVERY`` batches and once at the end.
+
+    Training resumes an epoch stopped in the middle (``run.state.batches_done`` > 0: the loader
+    skips those batches, ``n_batches`` is the whole epoch's) with its sums and RNG, and raises
+    :class:`Interrupted` after a group when :func:`stop_due` says so.
     """
     model = run.train_model if training else run.model
     model.train(training)
-    world, accum = run.world, run.config.grad_accum
+    world, accum, state = run.world, run.config.grad_accum, run.state
+    start = state.batches_done if training else 0
     sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64, device=world.device)
-    n_batches = len(loader)
-    bar = tqdm(loader, desc=desc, disable=not world.is_main, leave=False, file=sys.stderr)
-    for i, batch in enumerate(bar):
+    if start and state.epoch_sums:
+        sums += torch.tensor(state.epoch_sums, dtype=torch.float64, device=world.device)
+    n_batches = n_batches or len(loader)
+    batches = iter(loader)  # draws the loader's seed from torch's RNG: restore after it
+    if start and state.epoch_rng is not None:
+        set_rng_state(state.epoch_rng)
+    bar = tqdm(batches, desc=desc, disable=not world.is_main, leave=False, file=sys.stderr,
+               total=n_batches, initial=start)  # fmt: skip
+    for i, batch in enumerate(bar, start):
         group_start = i - i % accum
         group_size = min(accum, n_batches - group_start)
         last_in_group = i == group_start + group_size - 1
         batch_step(run, model, batch, training, group_size, last_in_group, sums)
         if world.is_main and (i + 1) % PROGRESS_EVERY == 0:
             bar.set_postfix(loss=f"{(sums[0] / sums[-1]).item():.3f}")  # the running mean
+        if training and last_in_group and i + 1 < n_batches and stop_due(run, i // accum):
+            state.batches_done, state.epoch_sums = i + 1, sums.tolist()
+            bar.close()
+            raise Interrupted(f"stopped after batch {i + 1} of {n_batches}")
+    if training:
+        state.batches_done, state.epoch_sums, state.epoch_rng = 0, None, None
     sums = all_reduce_sum(sums, world).tolist()
     return {t: sums[j] / sums[-1] for j, t in enumerate(LOSS_TERMS)}
 
@@ -335,8 +410,13 @@ def run_epoch(run: Run, loader: DataLoader, training: bool, desc: str) -> dict[s
 def train_epoch(run: Run) -> dict[str, float]:
     epoch = run.state.epoch
     run.train_sampler.set_epoch(epoch)
+    n_batches = len(run.train_loader)
+    run.train_sampler.skip = run.state.batches_done * run.config.batch_size
     desc = f"phase {run.phase} epoch {epoch + 1}/{run.config.epochs}"
-    return run_epoch(run, run.train_loader, True, desc)
+    try:
+        return run_epoch(run, run.train_loader, True, desc, n_batches)
+    finally:
+        run.train_sampler.skip = 0
 
 
 def validate(run: Run) -> dict[str, float]:
@@ -358,6 +438,8 @@ def save(run: Run, improved: bool, rngs: list[dict]) -> float:
         "stopped_early": run.state.stopped_early,
         "history": run.state.history,
         "rng": rngs,
+        "batches_done": run.state.batches_done,  # > 0: saved in the middle of an epoch
+        "epoch_sums": run.state.epoch_sums,
     }
     return run.saver.save(run.model, run.meta, run.state.epoch, run.stopper.best, improved, resume)
 
@@ -372,6 +454,9 @@ def restore(run: Run, ckpt: dict) -> None:
     state = rank_rng_state(ckpt["rng"], run.world.rank)
     if state is not None:
         set_rng_state(state)
+    if ckpt.get("batches_done"):  # stopped in the middle of an epoch: go on from there
+        run.state.batches_done, run.state.epoch_sums = ckpt["batches_done"], ckpt["epoch_sums"]
+        run.state.epoch_rng = state
 
 
 def match_optimizer_to_device(optimizer: torch.optim.Optimizer) -> None:
@@ -518,12 +603,29 @@ def log_epoch(run: Run, record: dict, improved: bool, checkpoint_s: float) -> No
         run.tracker.log_metrics({**metrics, "checkpoint_s": checkpoint_s}, record["epoch"])
 
 
+def save_interrupted(run: Run, why: Interrupted) -> None:
+    """``latest`` with the epoch's place, written before the process exits (rank 0)."""
+    rngs = gather_objects(rng_state(), run.world)
+    if run.world.is_main:
+        save(run, False, rngs)
+        run.saver.close()  # on disk before the exit, within the grace period
+        where = f"phase {run.phase} epoch {run.state.epoch + 1}"
+        code = Interrupted.exit_code
+        print(f"{where}: SIGTERM, {why}; latest saved, exiting {code} (a restart resumes here)",
+              file=sys.stderr)  # fmt: skip
+
+
 def fit(run: Run) -> TrainState:
-    """Epochs until ``epochs`` or early stopping; checkpoints and logs from rank 0."""
+    """Epochs until ``epochs`` or early stopping; checkpoints and logs from rank 0. SIGTERM
+    saves ``latest`` where training stands and raises :class:`Interrupted`."""
     try:
         while run.state.epoch < run.config.epochs and not run.state.stopped_early:
             start = time.perf_counter()
-            train_losses = train_epoch(run)
+            try:
+                train_losses = train_epoch(run)
+            except Interrupted as why:
+                save_interrupted(run, why)
+                raise
             val_losses = validate(run)
             improved = run.stopper.update(val_losses["total"])
             run.state.epoch += 1
@@ -576,7 +678,10 @@ def train(
         monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=5)
         monitor.start()
     try:
-        return fit(setup_run(phase, data, out, config, init, tracker, world))
+        with stop_on_sigterm() as stop:
+            run = setup_run(phase, data, out, config, init, tracker, world)
+            run.stop = stop
+            return fit(run)
     finally:
         if monitor is not None:
             monitor.finish()

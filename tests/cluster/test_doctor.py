@@ -291,3 +291,26 @@ def test_the_serving_mode_is_reported_and_a_canary_said_to_be_refused(installed,
     assert "canary_traffic_percent is refused" in mode.detail
     installed.kubectl("annotate", "inferenceservice", "cellseg", "-n", NAMESPACE,
                       "serving.kserve.io/deploymentMode-")  # fmt: skip
+
+
+def test_mlflow_user_reads_both_logins_from_their_secrets_in_one_line_errors(installed):
+    """`make mlflow-user` takes the admin's login from ``mlflow-admin`` and the pipeline's from
+    ``cellseg-mlflow-auth`` (manifests/secrets/*.template.yaml), never from a command line."""
+    from cellseg.errors import CellsegError
+    from cellseg.registry.users import ADMIN_KEYS, ADMIN_SECRET, PIPELINE_KEYS, secret_login
+
+    namespace = "doctor-mlflow-user"
+    installed.kubectl("create", "namespace", namespace)
+    api = installed.client("admin")
+    with pytest.raises(CellsegError, match=f"Secret {namespace}/{ADMIN_SECRET}: 404"):
+        secret_login(api, namespace, ADMIN_SECRET, ADMIN_KEYS)
+    installed.kubectl("-n", namespace, "create", "secret", "generic", ADMIN_SECRET,
+                      "--from-literal=username=admin")  # fmt: skip
+    with pytest.raises(CellsegError, match="has no password"):
+        secret_login(api, namespace, ADMIN_SECRET, ADMIN_KEYS)
+    installed.kubectl("-n", namespace, "create", "secret", "generic", cluster.MLFLOW_AUTH_SECRET,
+                      "--from-literal=MLFLOW_TRACKING_USERNAME=cellseg",
+                      "--from-literal=MLFLOW_TRACKING_PASSWORD=pipeline-secret")  # fmt: skip
+    login = secret_login(api, namespace, cluster.MLFLOW_AUTH_SECRET, PIPELINE_KEYS)
+    assert (login.username, login.password) == ("cellseg", "pipeline-secret")
+    assert "pipeline-secret" not in repr(login)

@@ -32,6 +32,17 @@ from cellseg.classes import NUM_CLASSES
 BRANCHES = {"np": 2, "hv": 2, "nc": NUM_CLASSES}
 
 
+class FullPrecisionConv2d(nn.Conv2d):
+    """A convolution computed in float32 even under autocast. The heads' last layer writes the
+    HV maps, whose slope inside a red cell is about 0.02 per pixel: bf16 (8 bits of mantissa)
+    would quantise them to about 0.004 near +-1, and the watershed reads that slope. Outside
+    autocast (the CPU profiles) it is a plain convolution; its parameters keep their names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 def conv_block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, padding=1, bias=False),
@@ -78,7 +89,7 @@ class BranchUpsampler(nn.Module):
         self.head = nn.Sequential(
             conv_block(w // 4, w // 8),
             conv_block(w // 8, w // 8),
-            nn.Conv2d(w // 8, out_channels, 1),
+            FullPrecisionConv2d(w // 8, out_channels, 1),
         )
 
     def forward(self, deepest: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:

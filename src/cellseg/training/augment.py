@@ -14,9 +14,26 @@ from collections.abc import Sequence
 import numpy as np
 
 CROP_SCALE_JITTER = 1.15  # crops see cells up to 15% smaller or larger than inference does
+# CellViT's blur and noise, at its recommended limits (TIO-IKIM/CellViT
+# configs/examples/cell_segmentation/train_cellvit.yaml: blur_limit 10, gaussnoise var_limit 10,
+# i.e. a standard deviation of sqrt(10) of 255): smears differ in focus and sensor noise
+BLUR_LIMIT = (3, 9)  # odd kernel sides up to CellViT's 10
+NOISE_STD = (0.0, 10**0.5 / 255)
 
 
-def build_transform(image_size: tuple[int, int], augment: bool, crop: int = 0):
+def degradations(p: float) -> list:
+    """Blur or sensor noise, one of them with probability ``p`` (0: none)."""
+    import albumentations as A
+
+    if not p:
+        return []
+    blur_or_noise = [A.Blur(blur_limit=BLUR_LIMIT, p=1.0), A.GaussNoise(std_range=NOISE_STD, p=1.0)]
+    return [A.OneOf(blur_or_noise, p=p)]
+
+
+def build_transform(
+    image_size: tuple[int, int], augment: bool, crop: int = 0, degrade: float = 0.0
+):
     """An ``albumentations.Compose`` producing ``image_size`` (H, W) images, or ``crop`` x
     ``crop`` images from windows that :func:`crop_window` cut.
 
@@ -24,6 +41,7 @@ def build_transform(image_size: tuple[int, int], augment: bool, crop: int = 0):
         augment: random flips, 90° rotations, scale/crop and colour/stain jitter; otherwise a
             plain resize (validation, evaluation).
         crop: with ``augment``, the side of the training crops; 0: whole frames.
+        degrade: with ``augment``, the probability of blur or noise (:func:`degradations`).
     """
     import albumentations as A  # only the training and evaluation images need it
 
@@ -38,6 +56,7 @@ def build_transform(image_size: tuple[int, int], augment: bool, crop: int = 0):
         A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.0, p=0.8),
         A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=15, val_shift_limit=8, p=0.5),
     ]
+    colour += degradations(degrade)
     if crop:
         return A.Compose([A.Resize(crop, crop, area_for_downscale=area), *flips, *colour])
     aspect = w / h

@@ -51,6 +51,7 @@ class TrainConfig(PostprocessParams):
     # crop_focus of them placed on a cell drawn by the class weights (training/augment.py)
     train_crop: Annotated[int, Field(ge=0, multiple_of=16)] = 0
     crop_focus: Annotated[float, Field(ge=0, le=1)] = 0.0
+    degrade: Annotated[float, Field(ge=0, le=1)] = 0.0  # P(blur or noise) of a training sample
     # optimisation
     epochs: Annotated[int, Field(ge=0)] = 10
     batch_size: Annotated[int, Field(ge=1)] = 4  # per process

@@ -115,10 +115,11 @@ class CellDataset(torch.utils.data.Dataset):
         seed: int = 0,
         crop: int = 0,
         crop_focus: float = 0.0,
+        degrade: float = 0.0,
     ):
         self.root = Path(root)
         self.files = split_files(self.root, split, limit)
-        self.transform = build_transform(image_size, augment, crop)
+        self.transform = build_transform(image_size, augment, crop, degrade)
         self.seed = seed
         # a crop's side in the stored (native) pixels: the crop is cut at the inference scale
         self.crop_native = (

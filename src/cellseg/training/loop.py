@@ -344,6 +344,11 @@ def batch_step(
     sums[-1] += n
 
 
+def backbone_frozen(model: CellSegModel) -> bool:
+    """Whether nothing in the backbone trains (Phase 1 on pretrained weights)."""
+    return not any(p.requires_grad for p in model.backbone.parameters())
+
+
 def stop_due(run: Run, group: int) -> bool:
     """Whether every rank stops after accumulation group ``group``: one process reads its own
     mark after each group; ranks agree by an all-reduce every ``PROGRESS_EVERY`` batches (a
@@ -379,6 +384,10 @@ def run_epoch(
     """
     model = run.train_model if training else run.model
     model.train(training)
+    if training and backbone_frozen(run.model):
+        # a frozen backbone computes features as it will at inference: dropout, drop-path and
+        # BatchNorm statistics in eval mode (UNI has none of them active; other backbones may)
+        run.model.backbone.eval()
     world, accum, state = run.world, run.config.grad_accum, run.state
     start = state.batches_done if training else 0
     sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64, device=world.device)
@@ -498,6 +507,7 @@ def build_data(data: Path, config: TrainConfig, world: World):
         config.seed,
         config.train_crop,
         config.crop_focus,
+        config.degrade,
     )
     val_set = CellDataset(data, "val", config.image_size, False, config.limit_val_images)
     train_loader, train_sampler = make_loader(train_set, world, config, True, config.seed)

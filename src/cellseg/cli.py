@@ -64,14 +64,26 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from cellseg.evaluation.evaluate import evaluate
     from cellseg.evaluation.inference import load_predictor
+    from cellseg.model.postprocess_params import with_overrides
 
     match_torch_threads()  # the cgroup's CPU quota, not the host's core count
     predictor = load_predictor(args.model, args.device)
+    predictor.params = with_overrides(predictor.params, args.set)  # checked before the work
     metrics = evaluate(
         args.data, predictor, args.out, args.split, args.limit, model_name=args.model
     )
     keys = ("box_map50", "mask_map50", "mask_map", "pq", "f1", "aji")
     print(" ".join(f"{k}={metrics[k]:.3f}" for k in keys) + f" -> {args.out}/report.md")
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from cellseg.evaluation.tune import tune
+
+    match_torch_threads()
+    budget = {"budget_seconds": args.budget_seconds} if args.budget_seconds else {}
+    tuning = tune(args.model, args.data, args.out, args.device, limit=args.limit, **budget)
+    changed = ", ".join(f"{k}={v}" for k, v in tuning.changed().items()) or "nothing changed"
+    print(f"{tuning.start_score:.4f} -> {tuning.best_score:.4f} on val ({changed}) -> {args.out}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -273,7 +285,22 @@ def add_model_commands(sub) -> None:
     evaluate.add_argument("--out", type=Path, required=True)
     evaluate.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     evaluate.add_argument("--limit", type=int, default=0, help="first N images only (0 = all)")
+    evaluate.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="post-processing setting instead of the checkpoint's (e.g. border_score=0.8)",
+    )  # fmt: skip
+
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    tune = sub.add_parser("tune", help="choose the post-processing on the val split")
+    tune.add_argument("--data", type=Path, required=True, help="converted dataset directory")
+    tune.add_argument("--model", type=Path, required=True, help="checkpoint or training folder")
+    tune.add_argument("--out", type=Path, required=True, help="the tuned checkpoint and table")
+    tune.add_argument("--device", default="auto")
+    tune.add_argument("--budget-seconds", type=float, default=None,
+                      help="search time budget (default 600)")  # fmt: skip
+    tune.add_argument("--limit", type=int, default=0, help="first N val images only (0 = all)")
+    tune.set_defaults(handler=cmd_tune)
 
     predict = sub.add_parser("predict", help="instances, counts and overlays for images")
     predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="images or folders")

@@ -45,6 +45,32 @@ class PostprocessParams:
 POSTPROCESS_KEYS = tuple(PostprocessParams.__dataclass_fields__)
 
 
+def with_overrides(params: PostprocessParams, items: list[str]) -> PostprocessParams:
+    """``params`` with ``key=value`` items applied (values read as YAML: ``border_score=0.8``,
+    ``merge_touching=[WBC]``); an unknown key or a bad value is one line."""
+    import dataclasses
+
+    import yaml
+    from pydantic import ValidationError
+
+    from cellseg.errors import ConfigError
+
+    values = dataclasses.asdict(params)
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in POSTPROCESS_KEYS:
+            raise ConfigError(
+                f"--set {item!r}: expected key=value with a post-processing key "
+                f"({', '.join(POSTPROCESS_KEYS)})"
+            )
+        values[key] = yaml.safe_load(value)
+    try:
+        return PostprocessParams(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"--set {first['loc'][0]}: {first['msg']}") from None
+
+
 def postprocess_params(saved_config: dict) -> PostprocessParams:
     """The settings saved in a checkpoint's config; a key an older checkpoint lacks keeps its
     default."""

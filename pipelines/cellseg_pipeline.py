@@ -1,4 +1,5 @@
-"""The DAG: data-version -> convert -> Phase 1 -> Phase 2 -> evaluate -> register -> promote,
+"""The DAG: data-version -> convert -> Phase 1 -> Phase 2 -> tune -> evaluate -> register ->
+promote,
 with score-champion (the current champion on this run's test split) beside training, feeding the
 gate in register. start-run creates the run's parent MLflow run before any step logs and hands
 it on; finish-run, the exit handler, ends it (FINISHED or FAILED) and removes the run's scratch
@@ -27,6 +28,7 @@ from components.register.component import register
 from components.score_champion.component import score_champion
 from components.start_run.component import start_run
 from components.train.component import train
+from components.tune.component import tune
 
 PIPELINE_NAME = "cellseg"
 # What a training step reads of its own pod (the downward API): the job's owner, and the Argo
@@ -95,6 +97,7 @@ def cellseg_pipeline(
     # where KServe reads MLflow's proxied artifacts: the server's --artifacts-destination as a
     # storageUri (mlflow-team: s3://<bucket>/mlflow); "": manifests/base's pvc://mlflow-store
     serving_artifacts_root: str = "",
+    tune_budget_seconds: float = 0.0,  # the post-processing search on val; 0: its default, 600
 ):
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
     finish = on_cpu(finish_run(pipeline_run_id=run_id, mlflow_uri=mlflow_uri))
@@ -160,9 +163,22 @@ def cellseg_pipeline(
         phase1 = train(phase=1, **common).set_display_name("train-phase1")
         phase2 = train(phase=2, init_model=phase1.outputs["model"], **common)
         phase2.set_display_name("train-phase2")
-        scores = evaluate(
+        tuned = tune(
             dataset=dataset,
             model=phase2.outputs["model"],
+            pipeline_run_id=run_id,
+            run_tags=run_tags,
+            mlflow_uri=mlflow_uri,
+            mlflow_parent_run=parent,
+            budget_seconds=tune_budget_seconds,
+        )
+        # one model forward over val on a GPU, then a CPU search: memory for the cached maps
+        on_gpu(tuned, settings.INFERENCE_GPUS, node_selector, tolerations)
+        tuned.set_caching_options(False)
+        model = tuned.outputs["tuned"]  # what is evaluated, registered and served
+        scores = evaluate(
+            dataset=dataset,
+            model=model,
             pipeline_run_id=run_id,
             run_tags=run_tags,
             mlflow_uri=mlflow_uri,
@@ -195,7 +211,7 @@ def cellseg_pipeline(
         champion.set_caching_options(False)
         gate = on_cpu(
             register(
-                model=phase2.outputs["model"],
+                model=model,
                 report_files=scores.outputs["report_files"],
                 champion_score=champion.outputs["champion_score"],
                 dataset=dataset,
@@ -218,5 +234,5 @@ def cellseg_pipeline(
                 )
             )
             promoted.set_caching_options(False)
-        for task in (phase1, phase2, scores, champion, gate, promoted):  # MLflow callers
+        for task in (phase1, phase2, tuned, scores, champion, gate, promoted):  # MLflow callers
             mlflow_login(task)

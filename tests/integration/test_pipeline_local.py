@@ -44,7 +44,13 @@ def test_pipeline_produces_a_registered_model_a_report_and_a_comparison(
         filter_string="tags.`cellseg.profile` = 'local'",
     )
     steps = {r.data.tags.get("cellseg.step") for r in parents}
-    assert {"phase1", "phase2", "evaluate", "register"} <= steps
+    assert {"phase1", "phase2", "tune", "evaluate", "register"} <= steps
+    # the post-processing chosen on val: in the tune step's run, never below the model's own
+    (tuned,) = [r for r in parents if r.data.tags.get("cellseg.step") == "tune"]
+    assert tuned.data.params["postprocess.markers"] in ("slope", "sobel")
+    assert tuned.data.metrics["val_box_map50_tuned"] >= tuned.data.metrics["val_box_map50_start"]
+    tuning_files = {a.path for a in client.list_artifacts(tuned.info.run_id, "tuning")}
+    assert tuning_files == {"tuning/tuning.md", "tuning/tuning.json"}
     assert all(r.data.tags["cellseg.data_md5"].endswith(".dir") for r in parents)
     phase1 = next(r for r in parents if r.data.tags.get("cellseg.step") == "phase1")
     # the exit handler ended the one parent run of this pipeline run

@@ -52,7 +52,7 @@ def executors(committed):
 
 
 # training GPUs belong to the PyTorchJobs, not to KFP pods; both inference steps get one GPU
-GPU_EXECUTORS = {"exec-evaluate", "exec-score-champion"}
+GPU_EXECUTORS = {"exec-tune", "exec-evaluate", "exec-score-champion"}
 TRAINING_TASKS = {"train": 1, "train-2": 2}  # DAG task -> phase
 
 
@@ -103,6 +103,17 @@ def test_training_steps_pass_gpu_placement_to_their_pytorchjobs(committed):
             assert params[name]["componentInputParameter"] == channel(name), (step, name)
         executor = tasks[step]["componentRef"]["name"].replace("comp-", "exec-")
         assert k8s[executor]["pvcMount"][0]["mountPath"] == "/mnt/checkpoints"
+
+
+def test_the_tuned_model_is_what_is_evaluated_and_registered(committed):
+    tasks = body(committed)
+    source = tasks["tune"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]
+    assert source == {"outputArtifactKey": "model", "producerTask": "train-2"}
+    tuned = {"outputArtifactKey": "tuned", "producerTask": "tune"}
+    assert tasks["evaluate"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"] == tuned
+    assert tasks["register"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"] == tuned
+    budget = tasks["tune"]["inputs"]["parameters"]["budget_seconds"]
+    assert budget["componentInputParameter"] == channel("tune_budget_seconds")
 
 
 def test_phase2_consumes_phase1s_model(committed):
@@ -213,12 +224,12 @@ def test_the_steps_that_call_mlflow_read_its_optional_login(committed):
         for secret in config.get("secretAsEnv", [])
         if secret["secretName"] == "cellseg-mlflow-auth" and secret["optional"]
     }
-    assert with_login == {"exec-start-run", "exec-train", "exec-train-2", "exec-evaluate",
+    assert with_login == {"exec-start-run", "exec-train", "exec-train-2", "exec-tune", "exec-evaluate",
                           "exec-score-champion", "exec-register", "exec-promote",
                           "exec-finish-run"}  # fmt: skip
 
 
-LOGGING_STEPS = ("train", "train-2", "evaluate", "score-champion", "register")
+LOGGING_STEPS = ("train", "train-2", "tune", "evaluate", "score-champion", "register")
 
 
 def test_every_step_runs_inside_the_exit_handler_and_logs_under_start_runs_parent(committed):

@@ -245,9 +245,15 @@ def test_the_training_runtime_mounts_what_the_pytorchjob_mounts(objects):
         CONTAINER_SECURITY,
         POD_LABELS,
         POD_SECURITY,
+        TERMINATION_GRACE_SECONDS,
         VOLUME_MOUNTS,
+        JobSpec,
+        _replica,
         pod_volumes,
     )
+
+    def spec_for_grace():
+        return JobSpec(name="grace", train_args=())
 
     def template_labels(node):
         return node["template"]["spec"]["template"]["metadata"]["labels"]
@@ -261,6 +267,11 @@ def test_the_training_runtime_mounts_what_the_pytorchjob_mounts(objects):
     assert pod["securityContext"] == POD_SECURITY
     assert template_labels(node) == POD_LABELS
     assert pod["serviceAccountName"] == cluster.TRAIN_SERVICE_ACCOUNT
+    # time to save `latest` on SIGTERM, the same for both engines' pods
+    assert pod["terminationGracePeriodSeconds"] == TERMINATION_GRACE_SECONDS
+    assert _replica(spec_for_grace(), 1)["template"]["spec"]["terminationGracePeriodSeconds"] == (
+        TERMINATION_GRACE_SECONDS
+    )
     accounts = {o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"}
     assert cluster.TRAIN_SERVICE_ACCOUNT in accounts
 

@@ -224,8 +224,8 @@ def test_the_steps_that_call_mlflow_read_its_optional_login(committed):
         for secret in config.get("secretAsEnv", [])
         if secret["secretName"] == "cellseg-mlflow-auth" and secret["optional"]
     }
-    assert with_login == {"exec-start-run", "exec-train", "exec-train-2", "exec-tune", "exec-evaluate",
-                          "exec-score-champion", "exec-register", "exec-promote",
+    assert with_login == {"exec-start-run", "exec-train", "exec-train-2", "exec-tune",
+                          "exec-evaluate", "exec-score-champion", "exec-register", "exec-promote",
                           "exec-finish-run"}  # fmt: skip
 
 

@@ -398,16 +398,18 @@ def mlflow_login_result(uri: str, login, get: Callable = _get) -> Result:
 
 
 def check_mlflow_login(api, s: DoctorOptions, get: Callable = _get) -> Result:
-    from cellseg.registry.users import PIPELINE_KEYS, secret_login
+    from cellseg.registry.users import PIPELINE_KEYS, SecretUnreadable, secret_login
 
+    requirement = f"MLflow login (Secret {settings.MLFLOW_AUTH_SECRET})"
+    fix = "manifests/secrets/mlflow-auth.template.yaml"
     try:
         login = secret_login(api, s.namespace, settings.MLFLOW_AUTH_SECRET, PIPELINE_KEYS)
+    except SecretUnreadable as err:
+        if err.status != 404:
+            return Result(requirement, False, str(err), fix=fix, blocker=err.status != 403)
+        login = None  # no Secret: the steps send no login
     except CellsegError as err:
-        if "404" not in str(err):
-            return Result(f"MLflow login (Secret {settings.MLFLOW_AUTH_SECRET})", False,
-                          str(err), fix="manifests/secrets/mlflow-auth.template.yaml",
-                          blocker="403" not in str(err))  # fmt: skip
-        login = None
+        return Result(requirement, False, str(err), fix=fix)
     return mlflow_login_result(s.mlflow_uri, login, get)
 
 
@@ -533,12 +535,14 @@ def check_kueue_integration(api, s: DoctorOptions) -> Result | None:
 
 
 def tolerated(toleration: dict, by: list[dict]) -> bool:
-    """Whether a list of tolerations covers ``toleration``'s taint key and effect."""
+    """Whether a list of tolerations covers ``toleration``'s taint (key, value, effect), as the
+    scheduler matches them: ``Exists`` any value, ``Equal`` (the default) the same value."""
     for t in by:
-        every_key = t.get("operator") == "Exists" and not t.get("key")
-        same_key = every_key or t.get("key") == toleration.get("key")
+        exists = t.get("operator") == "Exists"
+        same_key = (exists and not t.get("key")) or t.get("key") == toleration.get("key")
+        same_value = exists or t.get("value", "") == toleration.get("value", "")
         same_effect = not t.get("effect") or t.get("effect") == toleration.get("effect")
-        if same_key and same_effect:
+        if same_key and same_value and same_effect:
             return True
     return False
 
@@ -584,7 +588,7 @@ def check_flavor_tolerations(api, s: DoctorOptions) -> list[Result]:
         own = (found.get("spec") or {}).get("tolerations") or []
         lost = [t for t in settings.TRAINING_JOB.tolerations if not tolerated(t, own)]
         if own and lost:
-            missing = ", ".join(f"{t['key']}:{t['effect']}" for t in lost)
+            missing = ", ".join(f"{t.get('key', '*')}:{t.get('effect', '*')}" for t in lost)
             results.append(Result(
                 requirement, False,
                 f"its tolerations replace the job's, and lack {missing}: pods go Unschedulable",

@@ -185,6 +185,9 @@ POD_SECURITY = {  # Pod Security "restricted"
     "fsGroup": 1000,
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+# SIGTERM (a Kueue preemption, a node drain) gives training this long to finish its step and
+# write `latest` (cellseg.training.loop) before the kubelet kills it; Kubernetes' default is 30 s.
+TERMINATION_GRACE_SECONDS = 120
 # Istio would inject a sidecar in a Kubeflow profile namespace; it keeps a finished pod running.
 POD_LABELS = {"app.kubernetes.io/name": "cellseg-train", "sidecar.istio.io/inject": "false"}
 
@@ -206,6 +209,7 @@ def _replica(spec: JobSpec, replicas: int) -> dict:
             "metadata": {"labels": dict(POD_LABELS)},
             "spec": {
                 "serviceAccountName": settings.TRAIN_SERVICE_ACCOUNT,
+                "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
                 "securityContext": POD_SECURITY,
                 "containers": [container],
                 "nodeSelector": dict(spec.job.node_selector),

@@ -353,10 +353,11 @@ class JobRunner:
         except ApiException as err:
             if err.status == 404:
                 return f"{where} was deleted"
-            self._workflow_unreadable = True  # no rights: SIGTERM and the owner reference stay
-            print(f"{where}: cannot read it ({err.status} {err.reason}); a terminated run is "
-                  "seen by its SIGTERM only", file=self.out, flush=True)  # fmt: skip
-            return ""
+            if err.status == 403:  # no rights: SIGTERM and the owner reference stay
+                self._workflow_unreadable = True
+                print(f"{where}: may not read it (403); a terminated run is seen by its SIGTERM "
+                      "only", file=self.out, flush=True)  # fmt: skip
+            return ""  # a passing error (429, 5xx, an expiring token): read again next loop
         except Exception as err:
             if _is_disconnect(err):
                 return ""
@@ -442,10 +443,16 @@ class JobRunner:
                 tails = self.last_lines(name, namespace)  # before the pods go with the job
                 self.delete(name, namespace)
                 raise JobFailed(f"{what} failed: {status.detail}; deleted\n{tails}".rstrip())
+            if status.state != "queued":
+                kueue_took = True  # admitted (or never suspended): Kueue took it
             if status.state == "queued" and not kueue_took:
                 waited = time.time() - created
                 if waited >= self.workload_grace:
-                    kueue_took = self.kueue_took(current) is not False
+                    try:
+                        kueue_took = self.kueue_took(current) is not False
+                    except JobFailed:
+                        self.delete(name, namespace)  # nothing would ever admit it
+                        raise
                     if not kueue_took:
                         self.delete(name, namespace)
                         raise JobFailed(
@@ -500,8 +507,9 @@ class Cancelled(BaseException):
 @contextlib.contextmanager
 def deleted_on_sigterm(runner: JobRunner, name: str, namespace: str):
     """Delete the job when the step is terminated. The DELETE is sent from the signal handler,
-    before anything else: KFP's launcher runs this process without forwarding signals, so it may
-    be killed any moment after the SIGTERM, not after the pod's grace period."""
+    before anything else: KFP's launcher, this process's parent, handles no signal and exits on
+    the same SIGTERM (Argo's emissary signals the whole process group), and the container ends
+    with it, so this process may be killed any moment after, not after the grace period."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers live in the main thread only
         return

@@ -9,9 +9,10 @@ forgives exactly the unboxed cells that ``border_score`` is meant to rank lower.
 
 Search: coordinate descent from the model's own settings (the profile's, a starting point): each
 key in turn over a small grid, keeping a value only when it scores higher (a tie keeps the
-current one), passes until no key improves or the time budget is spent. It is deterministic
-(same maps, same choice), and never ends below its starting point. Areas are searched as
-multiples of the starting value, so the grid follows the image scale the model works at.
+current one), up to three passes, until a pass changes nothing or the time budget is spent. It
+is deterministic (same maps, same choice), and never ends below its starting point. Areas are
+searched as multiples of the current value (the model's own at first), so the grid follows the
+image scale the model works at.
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ def search(
                 break
         if not improved or not tuning.complete:
             break
+    else:
+        tuning.complete = False  # the passes ran out while still improving
     tuning.chosen, tuning.best_score = current, best
     tuning.seconds = time.monotonic() - began
     return tuning

@@ -62,13 +62,18 @@ def ensure_pipeline_user(
     """Create ``user`` (or set its password), create the experiment and the registered model
     when missing, and give ``user`` EDIT on both; returns what was done, a line each."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException, RestException
+    from mlflow.exceptions import MlflowException
     from mlflow.server.auth.client import AuthServiceClient
     from mlflow.server.auth.permissions import (
         RESOURCE_TYPE_EXPERIMENT,
         RESOURCE_TYPE_REGISTERED_MODEL,
     )
 
+    if user.username == admin.username:
+        raise CellsegError(
+            f"the pipeline's MLflow user {user.username!r} is the admin: give "
+            f"{settings.MLFLOW_AUTH_SECRET} a user of its own"
+        )
     done = []
     with logged_in(admin):
         auth = AuthServiceClient(tracking_uri)
@@ -76,7 +81,7 @@ def ensure_pipeline_user(
             auth.get_user(user.username)
             auth.update_user_password(user.username, user.password)
             done.append(f"user {user.username}: exists, password set from the Secret")
-        except RestException as err:
+        except MlflowException as err:  # 401/403 come as plain text: MlflowException
             if err.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise _refused(tracking_uri, err) from None
             auth.create_user(user.username, user.password)
@@ -98,7 +103,7 @@ def ensure_pipeline_user(
             grant = (user.username, resource_type, resource_id)
             try:
                 auth.grant_user_permission(*grant, PIPELINE_PERMISSION)
-            except RestException as err:
+            except MlflowException as err:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 auth.revoke_user_permission(*grant)  # whatever it was, EDIT from now on
@@ -109,7 +114,11 @@ def ensure_pipeline_user(
 
 def _refused(tracking_uri: str, err: Exception) -> CellsegError:
     code = getattr(err, "error_code", "")
-    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+    if (
+        code in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+        or " 401 " in str(err)
+        or " 403 " in str(err)
+    ):
         return CellsegError(
             f"MLflow at {tracking_uri} refused the admin login ({code}): check the "
             f"{ADMIN_SECRET} Secret (the server's MLFLOW_AUTH_ADMIN_USERNAME/PASSWORD)"
@@ -117,8 +126,17 @@ def _refused(tracking_uri: str, err: Exception) -> CellsegError:
     return CellsegError(f"MLflow at {tracking_uri}: {str(err).splitlines()[0]}")
 
 
-def secret_login(api_client, namespace: str, secret: str, keys: tuple[str, str]) -> Login:
-    """A login from a Kubernetes Secret's two keys (never printed)."""
+class SecretUnreadable(CellsegError):
+    """A Secret that is missing or may not be read; ``status`` is the API server's."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def secret_login(api_client, namespace: str, secret: str, keys: tuple[str, str]) -> Login | None:
+    """A login from a Kubernetes Secret's two keys (never printed); None when both are empty
+    (a Secret made only so that old KFP backends find it: no login)."""
     import base64
 
     from kubernetes import client
@@ -127,13 +145,19 @@ def secret_login(api_client, namespace: str, secret: str, keys: tuple[str, str])
     try:
         found = client.CoreV1Api(api_client).read_namespaced_secret(secret, namespace)
     except ApiException as err:
-        raise CellsegError(
+        raise SecretUnreadable(
             f"Secret {namespace}/{secret}: {err.status} {err.reason} (manifests/secrets/ has "
-            "its template)"
+            "its template)",
+            err.status,
         ) from None
     data = found.data or {}
-    missing = [k for k in keys if not data.get(k)]
+    missing = [k for k in keys if k not in data]
     if missing:
         raise CellsegError(f"Secret {namespace}/{secret} has no {', '.join(missing)}")
-    username, password = (base64.b64decode(data[k]).decode() for k in keys)
+    username, password = (base64.b64decode(data[k] or "").decode() for k in keys)
+    if not username and not password:
+        return None
+    if not username or not password:
+        empty = keys[0] if not username else keys[1]
+        raise CellsegError(f"Secret {namespace}/{secret}: {empty} is empty")
     return Login(username, password)

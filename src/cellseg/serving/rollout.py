@@ -77,10 +77,12 @@ def deployment_mode(service: dict, kserve_config: dict | None) -> tuple[str, str
     if annotation:
         return normal_mode(annotation), f"its {MODE_ANNOTATION} annotation"
     deploy = ((kserve_config or {}).get("data") or {}).get("deploy")
-    if deploy:
-        default = json.loads(deploy).get("defaultDeploymentMode", "")
-        if default:
-            return normal_mode(default), f"{'/'.join(KSERVE_CONFIG)} defaultDeploymentMode"
+    try:
+        default = json.loads(deploy).get("defaultDeploymentMode", "") if deploy else ""
+    except (ValueError, AttributeError):
+        default = ""  # not KServe's JSON: unknown, as without the ConfigMap
+    if default:
+        return normal_mode(default), f"{'/'.join(KSERVE_CONFIG)} defaultDeploymentMode"
     return "", "no status, annotation or readable inferenceservice-config"
 
 

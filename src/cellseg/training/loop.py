@@ -15,9 +15,10 @@ Each rank seeds its RNGs with ``seed + rank`` (dropout differs across ranks; aug
 seeded per sample, so it does not depend on the rank).
 
 SIGTERM (a Kueue preemption, a node drain, a terminated run: the pod's grace period follows)
-stops training at the end of the accumulation group in hand, writes ``latest`` with the
-epoch's place (batches done, the running loss sums, every rank's RNG) and exits with 143; the
-restarted job resumes at the next batch, and ends as the uninterrupted run would have.
+stops training at the end of the accumulation group in hand (under DDP, where the ranks next
+agree, every ``PROGRESS_EVERY`` batches), writes ``latest`` with the epoch's place (batches
+done, the ranks' running loss sums, every rank's RNG) and exits with 143; the restarted job
+resumes at the next batch, and ends as the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -391,7 +392,7 @@ def run_epoch(
     world, accum, state = run.world, run.config.grad_accum, run.state
     start = state.batches_done if training else 0
     sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64, device=world.device)
-    if start and state.epoch_sums:
+    if start and state.epoch_sums and world.is_main:  # the ranks' sums, reduced, once
         sums += torch.tensor(state.epoch_sums, dtype=torch.float64, device=world.device)
     n_batches = n_batches or len(loader)
     batches = iter(loader)  # draws the loader's seed from torch's RNG: restore after it
@@ -407,7 +408,9 @@ def run_epoch(
         if world.is_main and (i + 1) % PROGRESS_EVERY == 0:
             bar.set_postfix(loss=f"{(sums[0] / sums[-1]).item():.3f}")  # the running mean
         if training and last_in_group and i + 1 < n_batches and stop_due(run, i // accum):
-            state.batches_done, state.epoch_sums = i + 1, sums.tolist()
+            # every rank stops here together: the sums of all of them, as the epoch's end would
+            state.batches_done = i + 1
+            state.epoch_sums = all_reduce_sum(sums.clone(), world).tolist()
             bar.close()
             raise Interrupted(f"stopped after batch {i + 1} of {n_batches}")
     if training:

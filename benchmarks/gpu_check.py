@@ -28,8 +28,8 @@ from pathlib import Path
 from benchmarks.training_steps import Row, step_figures
 from cellseg.settings import CLUSTER_PROFILE
 
-QUICK = ["backbone=test_vit", "decoder_width=0", "image_size=64,96", "batch_size=2",
-         "num_workers=0", "device=cpu", "amp=none"]  # fmt: skip
+QUICK = ["backbone=test_vit", "decoder_width=0", "image_size=64,96", "train_crop=48",
+         "batch_size=2", "num_workers=0", "device=cpu", "amp=none"]  # fmt: skip
 
 
 def cellseg(*args: str) -> list[str]:

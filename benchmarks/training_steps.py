@@ -139,6 +139,7 @@ def step_figures(
         "phase": phase,
         "compiled": compiled,
         "image_size": list(config.image_size),
+        "train_crop": config.train_crop,  # the samples' side (0: whole frames)
         "batch_size": config.batch_size,
         "img_per_s": ips,
         "preloaded_img_per_s": preloaded,

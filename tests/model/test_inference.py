@@ -172,7 +172,8 @@ def test_predict_records_every_instance_with_its_class(dataset, tmp_path):
 
 def test_the_profiles_post_processing_travels_with_the_checkpoint(dataset, tmp_path):
     """`local` chose its post-processing on val; the predictor built from its checkpoint uses
-    it, an override travels the same way, and `uni-gpu` keeps HoVer-Net's defaults."""
+    it, an override travels the same way, and `uni-gpu` starts from the same choices carried
+    to its scale, not from HoVer-Net's 40x nuclei defaults."""
     from cellseg.model.postprocess_params import POSTPROCESS_KEYS, PostprocessParams
     from cellseg.training.config import load_config
     from cellseg.training.loop import train
@@ -182,7 +183,7 @@ def test_the_profiles_post_processing_travels_with_the_checkpoint(dataset, tmp_p
         return {k: getattr(params_or_config, k) for k in POSTPROCESS_KEYS}
 
     uni, default = load_config("uni-gpu", 1), PostprocessParams()
-    assert chosen(uni) == chosen(default)  # the UNI path is unchanged
+    assert uni.markers == "slope" != default.markers and uni.merge_touching == ("WBC",)
     local = load_config("local", 1)
     assert chosen(local) != chosen(default) and local.markers == "slope"
     train(1, dataset, tmp_path / "a", load_config("local", 1, [*TINY, "epochs=1"]))

@@ -137,7 +137,7 @@ def test_the_image_reaches_every_step(spec):
 
     text = spec.read_text()
     executors = next(yaml.safe_load_all(text))["deploymentSpec"]["executors"]
-    assert text.count("image: reg.example/cellseg:abc") == len(executors) == 10
+    assert text.count("image: reg.example/cellseg:abc") == len(executors) == 11
     assert "cellseg-kfp:0.1.0" not in text
 
 

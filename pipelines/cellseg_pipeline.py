@@ -50,7 +50,7 @@ def on_gpu(task: dsl.PipelineTask, gpus, node_selector, tolerations) -> dsl.Pipe
 
 def mlflow_login(task: dsl.PipelineTask) -> dsl.PipelineTask:
     """MLflow's credentials where it authenticates (overlays/kubeflow); none elsewhere."""
-    keys = {k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    keys = {k: k for k in settings.MLFLOW_AUTH_KEYS}
     return kubernetes.use_secret_as_env(task, settings.MLFLOW_AUTH_SECRET, keys, optional=True)
 
 

@@ -235,7 +235,9 @@ def cmd_mlflow_user(args: argparse.Namespace) -> None:
         )
     api = api_client()
     admin = users.secret_login(api, args.namespace, users.ADMIN_SECRET, users.ADMIN_KEYS)
-    user = users.secret_login(api, args.namespace, settings.MLFLOW_AUTH_SECRET, users.PIPELINE_KEYS)
+    user = users.secret_login(
+        api, args.namespace, settings.MLFLOW_AUTH_SECRET, settings.MLFLOW_AUTH_KEYS
+    )
     if admin is None or user is None:
         raise CellsegError("both Secrets must hold a login (their values are empty)")
     for line in users.ensure_pipeline_user(uri, admin, user):

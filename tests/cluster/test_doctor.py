@@ -297,7 +297,7 @@ def test_mlflow_user_reads_both_logins_from_their_secrets_in_one_line_errors(ins
     """`make mlflow-user` takes the admin's login from ``mlflow-admin`` and the pipeline's from
     ``cellseg-mlflow-auth`` (manifests/secrets/*.template.yaml), never from a command line."""
     from cellseg.errors import CellsegError
-    from cellseg.registry.users import ADMIN_KEYS, ADMIN_SECRET, PIPELINE_KEYS, secret_login
+    from cellseg.registry.users import ADMIN_KEYS, ADMIN_SECRET, secret_login
 
     namespace = "doctor-mlflow-user"
     installed.kubectl("create", "namespace", namespace)
@@ -311,11 +311,11 @@ def test_mlflow_user_reads_both_logins_from_their_secrets_in_one_line_errors(ins
     installed.kubectl("-n", namespace, "create", "secret", "generic", cluster.MLFLOW_AUTH_SECRET,
                       "--from-literal=MLFLOW_TRACKING_USERNAME=cellseg",
                       "--from-literal=MLFLOW_TRACKING_PASSWORD=pipeline-secret")  # fmt: skip
-    login = secret_login(api, namespace, cluster.MLFLOW_AUTH_SECRET, PIPELINE_KEYS)
+    login = secret_login(api, namespace, cluster.MLFLOW_AUTH_SECRET, cluster.MLFLOW_AUTH_KEYS)
     assert (login.username, login.password) == ("cellseg", "pipeline-secret")
     assert "pipeline-secret" not in repr(login)
     # the empty Secret an old KFP backend needs (check_step_secrets) is "no login", not an error
     installed.kubectl("-n", namespace, "create", "secret", "generic", "empty-login",
                       "--from-literal=MLFLOW_TRACKING_USERNAME=",
                       "--from-literal=MLFLOW_TRACKING_PASSWORD=")  # fmt: skip
-    assert secret_login(api, namespace, "empty-login", PIPELINE_KEYS) is None
+    assert secret_login(api, namespace, "empty-login", cluster.MLFLOW_AUTH_KEYS) is None

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.model
 
 
 def test_under_bf16_autocast_the_heads_write_float32_maps():
-    """bf16 keeps 8 bits of mantissa: near +-1 its step is 2**-7 = 0.0078, coarser than the
+    """bf16 keeps 8 bits of mantissa: just below +-1 its step is 2**-8 = 0.004, a fifth of the
     ~0.02 per pixel an HV map rises by inside a red cell; the last 1x1 conv runs in float32."""
     torch.manual_seed(0)
     model = create_model("test_vit", weights=None).eval()

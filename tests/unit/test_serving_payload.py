@@ -109,9 +109,11 @@ def test_the_proxied_artifacts_root_is_configurable_and_must_be_one_kserve_reads
 
 
 def test_the_deployment_mode_is_read_in_kserves_order():
-    """KServe v0.20.0 ``GetDeploymentMode``: the status, the annotation, then the ``deploy``
-    default of ``inferenceservice-config``; Serverless and RawDeployment are the old names of
-    Knative and Standard (pkg/constants/constants.go)."""
+    """kserve/kserve v0.20.0 pkg/controller/v1beta1/inferenceservice/utils/utils.go
+    ``GetDeploymentMode``: the status, the annotation, then the ``deploy`` default of
+    ``inferenceservice-config``; Serverless and RawDeployment are the old names of Knative and
+    Standard (pkg/constants/constants.go, pkg/apis/serving/v1beta1/configmap.go
+    ``NewDeployConfig``)."""
     config = {"data": {"deploy": json.dumps({"defaultDeploymentMode": "RawDeployment"})}}
     bare = {"metadata": {}}
     assert deployment_mode(bare, config)[0] == "Standard"

@@ -13,6 +13,9 @@ from cellseg.cluster.jobs import ENGINES
 from cellseg.serving import rollout
 
 KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"  # served from Kueue v0.16
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"  # on each Workload: the uid of its job
+# Kueue's manager configuration (namespace, ConfigMap, key), where integrations.frameworks is
+KUEUE_CONFIG = ("kueue-system", "kueue-manager-config", "controller_manager_config.yaml")
 ARGO_GROUP, ARGO_VERSION = "argoproj.io", "v1alpha1"  # the Workflow a KFP run is
 
 

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 from cellseg import settings
 from cellseg.cluster.api_calls import (
+    KUEUE_CONFIG,
     KUEUE_GROUP,
     KUEUE_VERSION,
     ROLLOUT_CALLS,
@@ -43,10 +44,9 @@ KFP_MINIMUM = (2, 5, 0)  # nodeSelectorJson, tolerationJson, pvcNameParameter in
 # 2.15.0 backend/src/v2/driver/k8s.go): the steps' optional Secrets must exist, keys and all.
 KFP_OPTIONAL_SECRETS = (2, 15, 0)
 STEP_SECRETS = {  # what the pipeline reads with use_secret_as_env(optional=True)
-    settings.MLFLOW_AUTH_SECRET: ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
+    settings.MLFLOW_AUTH_SECRET: settings.MLFLOW_AUTH_KEYS,
     settings.DVC_REMOTE_SECRET: settings.DVC_REMOTE_KEYS,
 }
-KUEUE_CONFIG = ("kueue-system", "kueue-manager-config", "controller_manager_config.yaml")
 REQUIRED_FIELD = {TRAINJOB: "runtimePatches"}  # Trainer v2.3: node selector, tolerations
 MINIMUM = {TRAINJOB: "Kubeflow Trainer v2.3", PYTORCHJOB: "Training Operator 1.9"}
 DEPLOY = "kubectl apply -k manifests/overlays/<overlay>"
@@ -398,12 +398,14 @@ def mlflow_login_result(uri: str, login, get: Callable = _get) -> Result:
 
 
 def check_mlflow_login(api, s: DoctorOptions, get: Callable = _get) -> Result:
-    from cellseg.registry.users import PIPELINE_KEYS, SecretUnreadable, secret_login
+    from cellseg.registry.users import SecretUnreadable, secret_login
 
     requirement = f"MLflow login (Secret {settings.MLFLOW_AUTH_SECRET})"
     fix = "manifests/secrets/mlflow-auth.template.yaml"
     try:
-        login = secret_login(api, s.namespace, settings.MLFLOW_AUTH_SECRET, PIPELINE_KEYS)
+        login = secret_login(
+            api, s.namespace, settings.MLFLOW_AUTH_SECRET, settings.MLFLOW_AUTH_KEYS
+        )
     except SecretUnreadable as err:
         if err.status != 404:
             return Result(requirement, False, str(err), fix=fix, blocker=err.status != 403)
@@ -622,12 +624,8 @@ def check_serving_mode(api, s: DoctorOptions) -> Result | None:
         return Result(requirement, False, f"unknown ({source}): a canary would be refused",
                       fix=f"annotate it {rollout.MODE_ANNOTATION}=Knative or Standard",
                       blocker=False)  # fmt: skip
-    canary = (
-        "canary_traffic_percent works"
-        if mode in rollout.CANARY_MODES
-        else ("canary_traffic_percent is refused (all traffic only)")
-    )
-    return Result(requirement, True, f"{mode}, from {source}: {canary}")
+    canary = "works" if mode in rollout.CANARY_MODES else "is refused (all traffic only)"
+    return Result(requirement, True, f"{mode}, from {source}: canary_traffic_percent {canary}")
 
 
 def run_checks(api, s: DoctorOptions, get: Callable = _get) -> list[Result]:

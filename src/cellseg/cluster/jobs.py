@@ -144,7 +144,7 @@ MLFLOW_CREDENTIALS = [
             "secretKeyRef": {"name": settings.MLFLOW_AUTH_SECRET, "key": key, "optional": True}
         },
     }
-    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    for key in settings.MLFLOW_AUTH_KEYS
 ]
 
 

@@ -28,7 +28,14 @@ import threading
 import time
 from dataclasses import dataclass
 
-from cellseg.cluster.api_calls import ARGO_GROUP, ARGO_VERSION, KUEUE_GROUP, KUEUE_VERSION
+from cellseg.cluster.api_calls import (
+    ARGO_GROUP,
+    ARGO_VERSION,
+    KUEUE_CONFIG,
+    KUEUE_GROUP,
+    KUEUE_JOB_UID_LABEL,
+    KUEUE_VERSION,
+)
 from cellseg.cluster.jobs import ENGINES, KEY_ANNOTATION, QUEUE_LABEL, Engine, JobSpec, build_job
 from cellseg.cluster.logs import LogFollower, pod_log_stream
 from cellseg.cluster.pods import DEFAULT_LIMITS, Limits, pod_failure, timestamp
@@ -41,7 +48,6 @@ INSTALL = {  # what a cluster without the engine's API needs
     PYTORCHJOB: "install the Kubeflow Training Operator v1.9, or use "
     f"training_engine={TRAINJOB} (Kubeflow Trainer v2)",
 }
-KUEUE_CONFIG = "ConfigMap kueue-system/kueue-manager-config"  # Kueue's manager configuration
 WORKLOAD_GRACE_SECONDS = 180.0  # Kueue makes a job's Workload within seconds of its creation
 
 
@@ -298,14 +304,17 @@ class JobRunner:
             self._follower.stop(seconds)
         self._follower, self._follower_pod = None, None
 
+    def workloads(self, job: dict) -> list[dict]:
+        """The Kueue Workloads of ``job`` (Kueue labels each with its job's uid)."""
+        return self.custom.list_namespaced_custom_object(
+            KUEUE_GROUP, KUEUE_VERSION, job["metadata"]["namespace"], "workloads",
+            label_selector=f"{KUEUE_JOB_UID_LABEL}={job['metadata'].get('uid')}",
+        )["items"]  # fmt: skip
+
     def eviction(self, job: dict) -> str:
         """Why Kueue suspended an admitted job: its Workload's Evicted/Preempted condition."""
-        uid = job["metadata"].get("uid")
         try:
-            workloads = self.custom.list_namespaced_custom_object(
-                KUEUE_GROUP, KUEUE_VERSION, job["metadata"]["namespace"], "workloads",
-                label_selector=f"kueue.x-k8s.io/job-uid={uid}",
-            )["items"]  # fmt: skip
+            workloads = self.workloads(job)
         except Exception:  # no Kueue, no rights: the reason is unknown, not fatal
             return ""
         reasons = []
@@ -317,25 +326,32 @@ class JobRunner:
                     )
         return "; ".join(reasons)
 
-    def kueue_took(self, job: dict) -> bool | None:
-        """Whether Kueue made a Workload for ``job``; None when it cannot be asked (no rights).
-        Raises :class:`JobFailed` when no Kueue serves Workloads at all."""
+    def require_workload(self, job: dict, waited: float) -> None:
+        """Return when Kueue made a Workload for the queued ``job`` (or it cannot be asked: no
+        rights); else delete the job, which nothing would ever admit, and raise
+        :class:`JobFailed` saying why."""
         from kubernetes.client.exceptions import ApiException
 
-        uid = job["metadata"].get("uid")
+        name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
+        what = f"{self.engine.kind} {namespace}/{name}"
         try:
-            found = self.custom.list_namespaced_custom_object(
-                KUEUE_GROUP, KUEUE_VERSION, job["metadata"]["namespace"], "workloads",
-                label_selector=f"kueue.x-k8s.io/job-uid={uid}",
-            )["items"]  # fmt: skip
+            if self.workloads(job):
+                return
+            why = (
+                f"{what}: no Kueue Workload {waited:.0f} s after creation, so nothing will admit "
+                f"it: add {self.engine.kueue_framework} to integrations.frameworks in ConfigMap "
+                f"{KUEUE_CONFIG[0]}/{KUEUE_CONFIG[1]} and restart Kueue, or run without "
+                "queue_name; deleted"
+            )
         except ApiException as err:
-            if err.status == 404:
-                raise JobFailed(
-                    f"Kueue's Workload API ({KUEUE_GROUP}/{KUEUE_VERSION}) is not served, so "
-                    "nothing will admit a queued job: install Kueue v0.16+ or set queue_name=''"
-                ) from None
-            return None
-        return bool(found)
+            if err.status != 404:
+                return
+            why = (
+                f"{what}: Kueue's Workload API ({KUEUE_GROUP}/{KUEUE_VERSION}) is not served, so "
+                "nothing will admit it: install Kueue v0.16+ or run without queue_name; deleted"
+            )
+        self.delete(name, namespace)
+        raise JobFailed(why)
 
     def run_terminated(self, namespace: str) -> str:
         """Why the step's pipeline run is being terminated; "" while it is not (or the Workflow
@@ -445,22 +461,9 @@ class JobRunner:
                 raise JobFailed(f"{what} failed: {status.detail}; deleted\n{tails}".rstrip())
             if status.state != "queued":
                 kueue_took = True  # admitted (or never suspended): Kueue took it
-            if status.state == "queued" and not kueue_took:
-                waited = time.time() - created
-                if waited >= self.workload_grace:
-                    try:
-                        kueue_took = self.kueue_took(current) is not False
-                    except JobFailed:
-                        self.delete(name, namespace)  # nothing would ever admit it
-                        raise
-                    if not kueue_took:
-                        self.delete(name, namespace)
-                        raise JobFailed(
-                            f"{what}: no Kueue Workload {waited:.0f} s after creation, so nothing "
-                            f"will admit it: add {self.engine.kueue_framework} to "
-                            f"integrations.frameworks in {KUEUE_CONFIG} and restart Kueue, or run "
-                            "without queue_name; deleted"
-                        )
+            elif not kueue_took and time.time() - created >= self.workload_grace:
+                self.require_workload(current, time.time() - created)  # or deleted, raised
+                kueue_took = True
             if status.state == "queued":
                 if admitted is not None:  # suspended again after admission: preempted
                     self.stop_following()

@@ -44,19 +44,19 @@ AREA_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 BUDGET_SECONDS = 600.0
 
 
-def grid(key: str, start: PostprocessParams) -> list:
-    """The values tried for ``key``, the starting value among them."""
+def grid(key: str, current: PostprocessParams) -> list:
+    """The values tried for ``key``, the current value among them."""
     if key == "markers":
         return ["slope", "sobel"]
     if key == "np_threshold":
-        return sorted({0.3, 0.4, 0.5, 0.6, start.np_threshold})
+        return sorted({0.3, 0.4, 0.5, 0.6, current.np_threshold})
     if key in ("min_marker_area", "min_instance_area"):
-        value = getattr(start, key)
+        value = getattr(current, key)
         return sorted({max(1, round(value * f)) for f in AREA_FACTORS})
     if key == "merge_touching":
         return [(), ("WBC",)]
     if key == "border_score":
-        return sorted({1.0, 0.85, 0.7, 0.5, start.border_score}, reverse=True)
+        return sorted({1.0, 0.85, 0.7, 0.5, current.border_score}, reverse=True)
     if key == "keep_markerless":
         return [False, True]
     raise KeyError(key)

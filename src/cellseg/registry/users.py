@@ -24,7 +24,6 @@ from cellseg.registry.tracking import EXPERIMENT
 
 PIPELINE_PERMISSION = "EDIT"
 ADMIN_SECRET, ADMIN_KEYS = "mlflow-admin", ("username", "password")  # manifests/secrets
-PIPELINE_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 @dataclass(frozen=True)
@@ -40,8 +39,10 @@ class Login:
 @contextlib.contextmanager
 def logged_in(login: Login) -> Iterator[None]:
     """MLflow's clients read their credential from the environment: ``login``'s, for a while."""
-    saved = {k: os.environ.get(k) for k in PIPELINE_KEYS}
-    os.environ.update(dict(zip(PIPELINE_KEYS, (login.username, login.password), strict=True)))
+    saved = {k: os.environ.get(k) for k in settings.MLFLOW_AUTH_KEYS}
+    os.environ.update(
+        dict(zip(settings.MLFLOW_AUTH_KEYS, (login.username, login.password), strict=True))
+    )
     try:
         yield
     finally:

@@ -136,14 +136,21 @@ def plan_rollout(name: str, namespace: str, canary_percent: int = 0, api_client=
     return mode
 
 
-def roll_inference_service(
+def patch_inference_service(
     name: str, namespace: str, uri: str, canary_percent: int = 0, api_client=None
 ) -> dict:
-    """Patch InferenceService ``name`` to serve ``uri`` (after :func:`plan_rollout`); returns
-    the patched object."""
+    """Patch InferenceService ``name`` to serve ``uri``, as :func:`plan_rollout` checked it
+    can; returns the patched object."""
     from kubernetes import client
 
-    plan_rollout(name, namespace, canary_percent, api_client)
     api = client.CustomObjectsApi(api_client)  # a dict body goes as a JSON merge patch
     patch = rollout_patch(uri, canary_percent)
     return api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, patch)
+
+
+def roll_inference_service(
+    name: str, namespace: str, uri: str, canary_percent: int = 0, api_client=None
+) -> dict:
+    """:func:`plan_rollout`, then :func:`patch_inference_service`."""
+    plan_rollout(name, namespace, canary_percent, api_client)
+    return patch_inference_service(name, namespace, uri, canary_percent, api_client)

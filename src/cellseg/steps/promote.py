@@ -39,8 +39,8 @@ def promote_step(
     if not inference_service or not decision.promote:
         return ""
     from cellseg.registry.champion import storage_uri_of
-    from cellseg.serving.rollout import roll_inference_service
+    from cellseg.serving.rollout import patch_inference_service
 
     uri = storage_uri_of(REGISTERED_MODEL, version, serving_artifacts_root)
-    roll_inference_service(inference_service, namespace, uri, canary_traffic_percent, api)
+    patch_inference_service(inference_service, namespace, uri, canary_traffic_percent, api)
     return uri

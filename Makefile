@@ -90,9 +90,9 @@ test: lint ## Lint, then run the whole test suite
 bench: data ## Print the benchmarks (conversion rate, ..., serving over HTTP; SECTION=serving: that one)
 	$(BIN)/python -m benchmarks.bench $(if $(SECTION),--only $(SECTION))
 
-quality: data ## Train PROFILE (default local) from scratch: val/test box AP@0.5 per class, minutes (SET="k=v ...")
+quality: data ## Train PROFILE (default local) from scratch: val/test box AP@0.5 per class, minutes (SET="k=v ...", TUNE=1)
 	$(BIN)/python -m benchmarks.quality --source data/BCCD --profile $(or $(PROFILE),local) \
-		$(foreach kv,$(SET),--set $(kv)) $(if $(PORTABLE),--portable-kernels)
+		$(foreach kv,$(SET),--set $(kv)) $(if $(TUNE),--tune) $(if $(PORTABLE),--portable-kernels)
 
 bench-gpu: data ## The whole GPU check on a CUDA machine, JSON in out/gpu-check/ (QUICK=1: CPU dry run)
 	$(BIN)/python -m benchmarks.gpu_check --source data/BCCD --out $(OUT)/gpu-check $(if $(QUICK),--quick)

@@ -274,7 +274,7 @@ def add_model_commands(sub) -> None:
     train.add_argument("--data", type=Path, required=True, help="converted dataset directory")
     train.add_argument("--out", type=Path, required=True, help="checkpoint directory")
     train.add_argument("--profile", default=settings.LOCAL_PROFILE,
-                       help="local | uni-gpu | a YAML file")  # fmt: skip
+                       help="a named profile (local, uni-gpu, ...) or a YAML file")  # fmt: skip
     train.add_argument("--init", type=Path, help="Phase 2: Phase 1 checkpoint (file or folder)")
     train.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"

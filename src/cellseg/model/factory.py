@@ -110,7 +110,7 @@ def vit_tiny_shared() -> ModelSpec:
 @register_model
 def vit_tiny_image_skips() -> ModelSpec:
     """``vit_tiny_shared`` whose skips also see the image through a small convolutional encoder:
-    the ``local`` profile's CPU model."""
+    the ``local-vit`` profile's CPU model."""
     return ModelSpec(
         "vit_tiny_patch16_224", decoder_width=128, shared_decoder=True, image_skips=True
     )
@@ -126,8 +126,11 @@ def efficientnet_lite0() -> ModelSpec:
       with (timm's ``efficientnet_lite0`` has the same tensors but pads symmetrically); inputs
       scaled to [-1, 1] as TensorFlow trained it. Both are checked against the weights' own
       BatchNorm statistics in ``tests/model/test_efficientnet.py``.
-    - Stages at 1/2, 1/4, 1/8 and 1/16 (16, 24, 40 and 112 channels) feed the decoder; the two
-      stages at 1/32 and the head are pruned.
+    - Stages at 1/2, 1/4 and 1/8 (16, 24, 40 channels) are the decoder's skips, the stage at
+      1/16 (112) its deepest input; the two stages at 1/32 and the head are pruned.
+    - Its BatchNorm is frozen with it. Trained from random init (``weights=null``) under DDP,
+      each rank's BatchNorm would see only its own batch: the 2-process = 1-process property
+      of the decoder (GroupNorm) does not hold for that backbone.
     - LoRA on the pointwise (1x1) convolutions of the stages at 1/8 and 1/16: the layers that
       mix channels, as ``qkv`` does in a ViT, where the features are most ImageNet-specific.
     """
@@ -232,9 +235,10 @@ def by_order(state: dict[str, torch.Tensor], backbone: nn.Module, path: Path) ->
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path, ordered: bool = False) -> None:
     """Load a local backbone weights file into the whole (unpruned) backbone; a file named in
-    timm's scheme may lack only the final norm and head (CellSegModel prunes them)."""
+    timm's scheme may lack only the final norm and head (CellSegModel prunes them). ``ordered``:
+    a file named otherwise is matched to timm's tensors in order (:func:`by_order`)."""
     state = load_state_file(path)
-    if ordered:
+    if ordered and not set(state) <= set(backbone.state_dict()):  # not in timm's names
         state = by_order(state, backbone, Path(path))
     try:
         missing, unexpected = backbone.load_state_dict(state, strict=False)

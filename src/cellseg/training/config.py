@@ -60,7 +60,7 @@ class TrainConfig(PostprocessParams):
     warmup_epochs: Annotated[int, Field(ge=0)] = 1
     patience: Annotated[int, Field(ge=1)] = 10  # epochs without val improvement before stopping
     min_delta: float = 0.0
-    # Phase 2: LoRA on the backbone's attention qkv; the decoder at its own, lower LR (the
+    # Phase 2: LoRA on the backbone (a ViT's attention qkv); the decoder at its own, lower LR (the
     # notebook's fix: whatever lr the adapters get, the trained decoder moves slowly)
     decoder_lr: Annotated[float, Field(gt=0)] = 1e-4  # Phase 1 trains the decoder at lr
     lora_rank: Annotated[int, Field(ge=1)] = 8

@@ -1,5 +1,6 @@
 """Two-phase training: Phase 1 trains the decoder (backbone frozen when pretrained), Phase 2 adds
-LoRA to the backbone's ``qkv`` and fine-tunes adapters and decoder.
+LoRA to the backbone (a ViT's ``qkv``, or its entry's ``lora_targets``) and fine-tunes adapters
+and decoder.
 
 Runs the same under plain ``python``, ``torchrun`` and a cluster job. Rank 0 alone writes
 checkpoints and logs. ``latest_phase{N}.pt`` is written every epoch with everything needed to
@@ -354,12 +355,11 @@ def backbone_frozen(model: CellSegModel) -> bool:
 
 
 def frozen_batchnorms(module: nn.Module) -> list[nn.Module]:
-    """The BatchNorm layers in ``module`` whose own parameters do not train."""
+    """The BatchNorm layers in ``module`` with affine parameters, none of which trains (one
+    without any, ``affine=False``, keeps learning its statistics)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     return [
-        m
-        for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and not any(p.requires_grad for p in m.parameters(recurse=False))
+        m for m in norms if m.affine and not m.weight.requires_grad and not m.bias.requires_grad
     ]
 
 
